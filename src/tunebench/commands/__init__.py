@@ -1,0 +1,5 @@
+"""One module per CLI verb group; each has `register(subparsers)` adding its parsers and handlers."""
+
+from tunebench.commands import data_cmd
+
+REGISTRY = [data_cmd.register]

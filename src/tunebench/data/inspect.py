@@ -1,0 +1,114 @@
+"""`tunebench data inspect`: what is in a data file, how long it is, and what the model will learn."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from tunebench.data.contamination import build_eval_index, find_contamination
+from tunebench.data.dedup import drop_duplicates
+from tunebench.data.readers import read_source
+from tunebench.data.records import Example, Problem
+from tunebench.data.templates import render_segments
+from tunebench.data.tokens import IGNORE, encode_segments, special_prefix
+
+MASK_OPEN, MASK_CLOSE = "⟦", "⟧"
+
+
+@dataclass
+class Inspection:
+    path: str
+    format: str
+    read: int
+    valid: int
+    problems: list[Problem]
+    lengths: list[int]
+    unit: str  # "tokens" or "characters"
+    truncated_share: float
+    samples: list[str]
+
+
+def inspect_source(path: str, fmt: str, template: str, max_len: int, tokenizer=None,
+                   task_sets: list[str] = (), n_samples: int = 3) -> Inspection:
+    """Read and measure one source; tokenizer=None measures characters instead of tokens."""
+    result = read_source(path, fmt)
+    examples, duplicates = drop_duplicates(result.examples)
+    problems = result.problems + duplicates + find_contamination(examples, build_eval_index(list(task_sets)))
+    if tokenizer is not None:
+        prefix = special_prefix(tokenizer)
+        encoded = [encode_segments(render_segments(e.messages, template, tokenizer), tokenizer, prefix)
+                   for e in examples]
+        lengths = [len(e.input_ids) for e in encoded]
+        samples = [mark_masked(e.input_ids, e.labels, tokenizer) for e in encoded[:n_samples]]
+        unit = "tokens"
+    else:
+        lengths = [sum(len(s.text) for s in render_segments(e.messages, template)) for e in examples]
+        samples = [mark_masked_text(e, template) for e in examples[:n_samples]]
+        unit = "characters"
+    over = sum(1 for n in lengths if n > max_len)
+    return Inspection(path, result.format, result.rows_read, len(examples), problems, lengths, unit,
+                      over / len(lengths) if lengths else 0.0, samples)
+
+
+def mark_masked(input_ids: list[int], labels: list[int], tokenizer) -> str:
+    """Decode an example with its loss-masked spans wrapped in ⟦ ⟧."""
+    out, run, masked = [], [], None
+    for token, label in zip(input_ids, labels):
+        is_masked = label == IGNORE
+        if masked is not None and is_masked != masked:
+            out.append(wrap(tokenizer.decode(run), masked))
+            run = []
+        run.append(token)
+        masked = is_masked
+    if run:
+        out.append(wrap(tokenizer.decode(run), masked))
+    return "".join(out)
+
+
+def mark_masked_text(example: Example, template: str) -> str:
+    return "".join(wrap(s.text, not s.is_answer) + ("<EOS>" if s.add_eos else "")
+                   for s in render_segments(example.messages, template))
+
+
+def wrap(text: str, masked: bool) -> str:
+    return f"{MASK_OPEN}{text}{MASK_CLOSE}" if masked else text
+
+
+def histogram(values: list[int], bins: int = 10, width: int = 40) -> list[str]:
+    """A text histogram: one line per bin with its range, count and a bar."""
+    if not values:
+        return ["(no values)"]
+    low, high = min(values), max(values)
+    step = max(1, -(-(high - low + 1) // bins))
+    counts = [0] * bins
+    for v in values:
+        counts[min((v - low) // step, bins - 1)] += 1
+    top = max(counts)
+    lines = []
+    for i, count in enumerate(counts):
+        start = low + i * step
+        if start > high:
+            break
+        bar = "█" * round(width * count / top) if top else ""
+        lines.append(f"{start:>6}–{start + step - 1:<6} {count:>6} {bar}")
+    return lines
+
+
+def format_inspection(report: Inspection, max_len: int) -> str:
+    lines = [f"== {report.path}", f"format: {report.format}",
+             f"records: {report.read} read, {report.valid} valid, {len(report.problems)} with problems"]
+    for problem in report.problems[:20]:
+        lines.append(f"  ! {problem}")
+    if len(report.problems) > 20:
+        lines.append(f"  ! ... and {len(report.problems) - 20} more")
+    if report.lengths:
+        v = sorted(report.lengths)
+        lines.append(f"length in {report.unit}: min {v[0]}, mean {statistics.mean(v):.1f}, "
+                     f"median {v[len(v) // 2]}, p95 {v[int(len(v) * 0.95) - 1 if len(v) > 1 else 0]}, max {v[-1]}")
+        lines.append(f"over max_seq_length {max_len}: {report.truncated_share:.1%}")
+        lines += histogram(report.lengths)
+    lines.append(f"examples ({MASK_OPEN}…{MASK_CLOSE} = prompt, no loss; the rest is learned):")
+    for i, sample in enumerate(report.samples, start=1):
+        lines.append(f"--- example {i}")
+        lines.append(sample)
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""The data stage: read sources → validate → de-duplicate → guard → mix → render → tokenise → pack.
+
+Writes `data/train.jsonl`, `data/eval.jsonl` and `data/summary.json` into the run directory.
+Nothing is dropped silently: every skipped record is a Problem, counted in the summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tunebench.config import Config, DataConfig, SourceConfig
+from tunebench.data.batches import pack_examples
+from tunebench.data.contamination import build_eval_index, find_contamination
+from tunebench.data.dedup import drop_duplicates
+from tunebench.data.readers import read_source
+from tunebench.data.records import Example, Problem
+from tunebench.data.templates import render_segments
+from tunebench.data.tokens import Encoded, encode_segments, fit_length, special_prefix
+from tunebench.errors import DataError
+from tunebench.runs import RunDir, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    formats: dict[str, str] = field(default_factory=dict)
+    train_rows: int = 0
+    eval_rows: int = 0
+    train_tokens: int = 0
+    answer_tokens: int = 0
+    fingerprint: str = ""
+
+    def lines(self) -> list[str]:
+        why = ", ".join(f"{n} {k}" for k, n in sorted(self.dropped.items())) or "none"
+        return [
+            f"read {self.read} records; kept {self.kept}; truncated {self.truncated}; dropped {sum(self.dropped.values())} ({why})",
+            f"rows: {self.train_rows} train, {self.eval_rows} eval; {self.train_tokens} train tokens, "
+            f"{self.answer_tokens} with loss",
+        ]
+
+
+def collect_examples(data: DataConfig, strict: bool, allow_contamination: bool
+                     ) -> tuple[list[Example], list[Problem], dict[str, str], int]:
+    """Read and validate every source; returns kept examples, problems, formats and rows read."""
+    if not data.sources:
+        raise DataError("data.sources is empty: add at least one source, e.g. "
+                        "--set 'data.sources=[{path: builtin:ja-instruct-megagon}]'")
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    formats: dict[str, str] = {}
+    read = 0
+    per_source: list[tuple[SourceConfig, list[Example]]] = []
+    for source in data.sources:
+        result = read_source(source.path, source.format, source.split)
+        formats[source.path] = result.format
+        read += result.rows_read
+        problems += result.problems
+        per_source.append((source, result.examples))
+    everything = [e for _, group in per_source for e in group]
+    unique, dup_problems = drop_duplicates(everything)
+    problems += dup_problems
+    contaminated = find_contamination(unique, build_eval_index(data.contamination_sets))
+    if contaminated and not (allow_contamination or data.allow_contamination):
+        raise DataError(
+            f"{len(contaminated)} training record(s) overlap evaluation data:\n  "
+            + "\n  ".join(map(str, contaminated[:10]))
+            + "\nremove them, or pass --allow-contamination if you know what you are doing"
+        )
+    for problem in contaminated:
+        log.warning("kept despite overlap (--allow-contamination): %s", problem)
+    if strict and problems:
+        raise DataError(f"{len(problems)} bad record(s) (--strict):\n  " + "\n  ".join(map(str, problems[:20]))
+                        + ("\n  ..." if len(problems) > 20 else ""))
+    for problem in problems:
+        log.warning("skipped %s", problem)
+    keep = {id(e) for e in unique}
+    rng = random.Random(data.seed)
+    for source, group in per_source:
+        group = [e for e in group if id(e) in keep]
+        examples += mix_weight(group, source.weight, rng)
+    rng.shuffle(examples)
+    if data.max_records is not None:
+        examples = examples[: data.max_records]
+    return examples, problems, formats, read
+
+
+def mix_weight(group: list[Example], weight: float, rng: random.Random) -> list[Example]:
+    """Repeat a source floor(weight) times and add a random share for the fraction."""
+    whole, fraction = int(weight), weight - int(weight)
+    return group * whole + rng.sample(group, round(len(group) * fraction))
+
+
+def encode_examples(examples: list[Example], data: DataConfig, tokenizer
+                    ) -> tuple[list[Encoded], list[Problem], int]:
+    """Render and tokenise; apply the overlength policy. Returns encodings, drops, truncations."""
+    prefix = special_prefix(tokenizer)
+    encoded, problems, truncated = [], [], 0
+    for example in examples:
+        full = encode_segments(render_segments(example.messages, data.template, tokenizer), tokenizer, prefix)
+        fitted = fit_length(full, data.max_seq_length, data.overlength)
+        if fitted is None:
+            problems.append(Problem(example.origin, None,
+                                    f"{len(full.input_ids)} tokens > max_seq_length {data.max_seq_length}", "length"))
+            continue
+        truncated += fitted.truncated
+        encoded.append(fitted)
+    return encoded, problems, truncated
+
+
+def fingerprint(config: Config, tokenizer_name: str) -> str:
+    """A hash of what the prepared tokens depend on: data settings, source files and tokenizer."""
+    h = hashlib.sha256(json.dumps(asdict(config.data), sort_keys=True).encode())
+    h.update(tokenizer_name.encode())
+    for source in config.data.sources:
+        path = Path(source.path)
+        if path.is_file():
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        else:
+            h.update(source.path.encode())
+    return h.hexdigest()[:16]
+
+
+def prepare(config: Config, run: RunDir, tokenizer, tokenizer_name: str, strict: bool = False,
+            allow_contamination: bool = False) -> Summary:
+    """Run the data stage and write its outputs (skipped when already done for the same inputs)."""
+    data = config.data
+    fp = fingerprint(config, tokenizer_name)
+    summary_path = run.data_dir / "summary.json"
+    if summary_path.exists():
+        previous = json.loads(summary_path.read_text(encoding="utf-8"))
+        if previous.get("fingerprint") == fp:
+            return Summary(**previous)
+    examples, problems, formats, read = collect_examples(data, strict, allow_contamination)
+    encoded, length_problems, truncated = encode_examples(examples, data, tokenizer)
+    if strict and length_problems:
+        raise DataError("examples longer than max_seq_length (--strict, overlength=drop):\n  "
+                        + "\n  ".join(map(str, length_problems[:20])))
+    if not encoded:
+        raise DataError("no training examples left after validation; see the warnings above")
+    n_eval = int(len(encoded) * data.eval_fraction)
+    eval_set, train_set = encoded[:n_eval], encoded[n_eval:]
+    train_rows = (pack_examples(train_set, data.max_seq_length) if data.packing
+                  else [{"input_ids": e.input_ids, "labels": e.labels} for e in train_set])
+    eval_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in eval_set]
+    run.data_dir.mkdir(parents=True, exist_ok=True)
+    write_rows(run.data_dir / "train.jsonl", train_rows)
+    write_rows(run.data_dir / "eval.jsonl", eval_rows)
+    dropped = Counter(p.kind for p in problems + length_problems)
+    summary = Summary(
+        read=read, kept=len(encoded), truncated=truncated, dropped=dict(dropped), formats=formats,
+        train_rows=len(train_rows), eval_rows=len(eval_rows),
+        train_tokens=sum(len(r["input_ids"]) for r in train_rows),
+        answer_tokens=sum(sum(1 for x in r["labels"] if x != -100) for r in train_rows),
+        fingerprint=fp,
+    )
+    write_json_atomic(summary_path, asdict(summary))  # written last: marks the stage complete
+    return summary
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

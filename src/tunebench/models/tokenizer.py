@@ -1,0 +1,33 @@
+"""Resolve where a model lives and load its tokenizer."""
+
+from __future__ import annotations
+
+from tunebench.config import ModelConfig
+from tunebench.errors import ModelError
+from tunebench.models.embedded import EMBEDDED_NAME, embedded_checkpoint
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A hub id or folder stays as it is; the embedded name becomes its cached safetensors folder."""
+    if name_or_path == EMBEDDED_NAME or name_or_path == "embedded":
+        return str(embedded_checkpoint())
+    if name_or_path.startswith("embedded:"):
+        raise ModelError(f"unknown embedded model '{name_or_path}' (have: {EMBEDDED_NAME})")
+    return name_or_path
+
+
+def load_tokenizer(config: ModelConfig):
+    """The tokenizer, with a pad token set (EOS is reused for padding only if there is none)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(config.tokenizer or config.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+    except OSError as exc:
+        raise ModelError(f"cannot load the tokenizer of '{source}': {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        # Safe because labels are built by masking, not from pad ids: the final EOS keeps its label.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,62 @@
+import pytest
+
+from tunebench.config import Config, load_config
+from tunebench.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_presets_load_and_match_the_course_sample():
+    config = load_config("configs/llm-jp-3-13b-qlora.yaml")
+    assert config.model.name_or_path == "llm-jp/llm-jp-3-13b"
+    t = config.train
+    assert (t.method, t.lora_r, t.lora_alpha, t.lora_dropout) == ("qlora", 16, 32, 0.05)
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.num_train_epochs) == (2, 4, 1.0)
+    assert (t.learning_rate, t.warmup_steps, t.save_steps, t.save_total_limit, t.logging_steps) == (2e-4, 10, 100, 2, 10)
+    assert config.data.max_seq_length == 512 and config.data.template == "course"
+    quick = load_config("configs/quickstart.yaml")
+    assert quick.model.name_or_path == "embedded:gemma-3-270m"
+    assert quick.data.sources[0].path == "builtin:ja-instruct-megagon"
+
+
+def test_misspelled_key_names_dotted_path_and_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.learning_rat'; did you mean 'train\.learning_rate'"):
+        load_config(write(tmp_path, "train:\n  learning_rat: 1e-4\n"))
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'; did you mean 'train'"):
+        load_config(write(tmp_path, "trian: {}\n"))
+
+
+def test_wrong_type_names_expected_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"'train\.lora_r' expects an integer, got 'sixteen'"):
+        load_config(write(tmp_path, "train:\n  lora_r: sixteen\n"))
+    with pytest.raises(ConfigError, match=r"'train\.method' must be one of .*did you mean 'qlora'"):
+        load_config(write(tmp_path, "train:\n  method: qlra\n"))
+    with pytest.raises(ConfigError, match=r"'data\.sources\[0\]\.weight' expects a number"):
+        load_config(write(tmp_path, "data:\n  sources:\n    - {path: a.jsonl, weight: lots}\n"))
+
+
+def test_set_overrides_parse_values_and_are_validated(tmp_path):
+    config = load_config(write(tmp_path, "name: x\n"), ["train.learning_rate=1e-4", "train.max_steps=5",
+                                                        "data.sources=[{path: a.jsonl}]", "judge.judge=null"])
+    assert config.train.learning_rate == 1e-4 and config.train.max_steps == 5
+    assert config.data.sources[0].path == "a.jsonl" and config.judge.judge is None
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["train.learning_rate"])
+    with pytest.raises(ConfigError, match=r"did you mean 'train\.warmup_steps'"):
+        load_config(None, ["train.warmup=3"])
+
+
+def test_defaults_and_name_from_file(tmp_path):
+    assert isinstance(load_config(None), Config)
+    assert load_config(write(tmp_path, "")).name == "c"
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="c.yaml: not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
