@@ -74,6 +74,7 @@ class RunDir:
         return self.root / "scores.json"
 
     def save_config(self, config: Config) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
         dump_config(config, self.config_file)
 
     def trained_model(self) -> Path | None:

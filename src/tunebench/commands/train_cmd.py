@@ -1,0 +1,69 @@
+"""`tunebench train`, `tunebench merge`, `tunebench push`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tunebench.cli import add_config_args
+from tunebench.config import load_config
+
+
+def register(sub) -> None:
+    train = sub.add_parser(
+        "train", help="fine-tune a base model (qlora, lora, full, prefix, prompt)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a base model on the config's data; leaves adapter/ (or model/) in the run directory.",
+        epilog="examples:\n  tunebench train configs/quickstart.yaml --set train.max_steps=10\n"
+               "  tunebench train configs/llm-jp-3-13b-qlora.yaml --resume   # continue after a crash")
+    add_config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    train.add_argument("--allow-contamination", action="store_true",
+                       help="train even if records overlap evaluation inputs (not recommended)")
+    train.set_defaults(func=run_train)
+
+    merge = sub.add_parser("merge", help="merge a LoRA adapter into its (unquantised) base model",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="example:\n  tunebench merge runs/quickstart   # writes runs/quickstart/merged/")
+    merge.add_argument("run", help="run directory (or adapter folder)")
+    merge.add_argument("--out", help="output folder (default: RUN/merged)")
+    merge.set_defaults(func=run_merge)
+
+    push = sub.add_parser("push", help="upload the adapter or merged model to the Hugging Face Hub",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="examples:\n  tunebench push runs/quickstart --repo me/gemma-ja --dry-run out/\n"
+                                 "  HF_TOKEN=... tunebench push runs/quickstart --repo me/gemma-ja --private")
+    push.add_argument("run", help="run directory")
+    push.add_argument("--repo", required=True, help="user/name on the hub")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--merged", action="store_true", help="push RUN/merged instead of the adapter")
+    push.add_argument("--dry-run", metavar="DIR", help="write the files that would be uploaded to DIR")
+    push.set_defaults(func=run_push)
+
+
+def run_train(args) -> int:
+    from tunebench.runs import RunDir
+    from tunebench.train.sft import train
+
+    config = load_config(args.config, args.overrides)
+    run = RunDir.for_config(config, args.run_dir)
+    out = train(config, run, resume=args.resume, allow_contamination=args.allow_contamination)
+    print(f"trained: {out}")
+    return 0
+
+
+def run_merge(args) -> int:
+    from tunebench.train.merge import merge
+
+    out = merge(Path(args.run), Path(args.out) if args.out else None)
+    print(f"merged model: {out}")
+    return 0
+
+
+def run_push(args) -> int:
+    from tunebench.train.push import push
+
+    where = push(Path(args.run), args.repo, private=args.private, merged=args.merged,
+                 dry_run=Path(args.dry_run) if args.dry_run else None)
+    print(f"{'wrote' if args.dry_run else 'uploaded to'} {where}")
+    return 0

@@ -1,0 +1,60 @@
+"""Load what a run produced — base + adapter, a full or merged model, or a plain model — for inference."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunebench.config import ModelConfig
+from tunebench.errors import ModelError
+from tunebench.models.load import load_base_model, pick_device
+from tunebench.models.tokenizer import load_tokenizer, resolve_model_path
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    template: str | None  # the template the run trained with; None for a plain model
+    name: str
+
+
+def find_trained(path: Path) -> Path | None:
+    """A run folder, or an adapter/model folder, to the folder holding tunebench.json."""
+    for candidate in (path, path / "adapter", path / "model", path / "merged"):
+        if (candidate / "tunebench.json").exists():
+            return candidate
+    return None
+
+
+def load_for_inference(target: str, dtype: torch.dtype | None = None, model_config: ModelConfig | None = None
+                       ) -> LoadedModel:
+    """Load a run (base + adapter, or full/merged model) or a plain model id/folder, in eval mode."""
+    device = pick_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    trained = find_trained(Path(target))
+    if trained is None:
+        config = model_config or ModelConfig(name_or_path=target)
+        model = load_base_model(config, dtype, device=device).eval()
+        return LoadedModel(model, load_tokenizer(config), None, target)
+    meta = json.loads((trained / "tunebench.json").read_text(encoding="utf-8"))
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(trained)))
+    if (trained / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = load_base_model(ModelConfig(name_or_path=meta["base_model"]), dtype, device=device)
+        model = PeftModel.from_pretrained(base, str(trained)).to(device)
+    else:
+        model = load_base_model(ModelConfig(name_or_path=str(trained)), dtype, device=device)
+    return LoadedModel(model.eval(), tokenizer, meta.get("template"), str(trained))
+
+
+def base_model_path(meta: dict) -> str:
+    try:
+        return resolve_model_path(meta["base_model"])
+    except KeyError:
+        raise ModelError("tunebench.json has no base_model") from None

@@ -1,0 +1,224 @@
+"""`tunebench train`: supervised fine-tuning, read top to bottom.
+
+load config → prepare data → load model → attach method → loop (accumulate, step, log, eval,
+save) → save the adapter (or full model) with its tokenizer, template and fingerprints.
+
+Why our own loop rather than TRL's SFTTrainer: the data stage already produces ids and masks; the
+loop needs atomic checkpoints and a resume that replays the exact data order (micro-batch k of
+the run is a pure function of the seed and k); and the loss is a token-sum normalised over the
+whole accumulation window, so gradient accumulation gives the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tunebench import __version__
+from tunebench.config import Config
+from tunebench.data.batches import pad_batch
+from tunebench.data.prepare import prepare, read_rows
+from tunebench.data.tokens import IGNORE
+from tunebench.errors import ConfigError, DataError
+from tunebench.models.load import compute_dtype, load_base_model, pick_device
+from tunebench.models.tokenizer import load_tokenizer
+from tunebench.runs import RunDir, append_jsonl, write_json_atomic
+from tunebench.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunebench.train.fingerprint import code_fingerprint
+from tunebench.train.methods import count_parameters, make_trainable
+from tunebench.train.tracking import Trackers
+
+log = logging.getLogger(__name__)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def micro_batch_order(n_rows: int, batch_size: int, seed: int, count: int) -> list[list[int]]:
+    """The first `count` micro-batches of the run: each epoch a fresh seeded permutation."""
+    batches: list[list[int]] = []
+    epoch = 0
+    while len(batches) < count:
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        batches += [perm[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+        epoch += 1
+    return batches[:count]
+
+
+def total_steps(config: Config, n_rows: int) -> int:
+    t = config.train
+    if t.max_steps is not None:
+        return t.max_steps
+    micro_per_epoch = math.ceil(n_rows / t.per_device_train_batch_size)
+    return max(1, math.ceil(t.num_train_epochs * micro_per_epoch / t.gradient_accumulation_steps))
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over labelled positions."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"]
+    logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens to the logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def evaluate(model, rows: list[dict], batch_size: int, pad_id: int, device, autocast) -> float:
+    """Mean per-token loss on held-out rows."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast():
+        for i in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in pad_batch(rows[i : i + batch_size], pad_id).items()}
+            total += token_loss_sum(model, batch).item()
+            count += int((batch["labels"][:, 1:] != IGNORE).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+def train(config: Config, run: RunDir, resume: bool = False, allow_contamination: bool = False) -> Path:
+    """Fine-tune and return the folder holding the final adapter (or full model)."""
+    t = config.train
+    if config.data.packing and t.method in ("prefix", "prompt"):
+        raise ConfigError("data.packing cannot be combined with prefix or prompt tuning "
+                          "(virtual tokens would be shared across packed examples)")
+    set_seed(t.seed)
+    run.save_config(config)
+    device = pick_device()
+    dtype = compute_dtype(t.precision, device)
+
+    # data
+    tokenizer = load_tokenizer(config.model)
+    summary = prepare(config, run, tokenizer, config.model.tokenizer or config.model.name_or_path,
+                      allow_contamination=allow_contamination)
+    rows = read_rows(run.data_dir / "train.jsonl")
+    eval_rows = read_rows(run.data_dir / "eval.jsonl")
+    if not rows:
+        raise DataError("the prepared training set is empty")
+
+    # model
+    model = load_base_model(config.model, dtype if t.method != "full" else torch.float32,
+                            quantize_4bit=t.method == "qlora", device=device)
+    model = make_trainable(model, t)
+    model.train()
+    trainable, total = count_parameters(model)
+    log.info("%s: %s trainable of %s parameters (%.2f%%) on %s, %s", t.method, f"{trainable:,}", f"{total:,}",
+             100 * trainable / total, device, dtype)
+
+    # optimisation
+    steps = total_steps(config, len(rows))
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.learning_rate,
+                                  fused=device.type == "cuda")
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(t.lr_scheduler, t.lr_scheduler),
+                              optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=steps)
+
+    start = 0
+    checkpoint = latest_checkpoint(run.checkpoints)
+    if resume and checkpoint is not None:
+        start = load_checkpoint(checkpoint, model, optimizer, scheduler)["step"]
+        log.info("resuming from %s (step %d of %d)", checkpoint, start, steps)
+    elif resume:
+        log.info("no complete checkpoint in %s: starting from step 0", run.checkpoints)
+    elif checkpoint is not None:
+        raise ConfigError(f"{run.root} already has checkpoints: pass --resume to continue, "
+                          "or choose another --run-dir")
+    if start == 0 and run.metrics.exists():
+        run.metrics.unlink()
+
+    accum = t.gradient_accumulation_steps
+    order = micro_batch_order(len(rows), t.per_device_train_batch_size, t.seed, steps * accum)
+    pad_id = tokenizer.pad_token_id
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dtype == torch.bfloat16
+                else contextlib.nullcontext)
+    trackers = Trackers(t.report_to, run.root, asdict(config))
+    window = {"loss_sum": 0.0, "tokens": 0, "answer_tokens": 0, "steps": 0, "time": time.perf_counter()}
+    bar = tqdm(total=steps, initial=start, desc=f"train {t.method}", unit="step", dynamic_ncols=True)
+    for step in range(start, steps):
+        micro = [pad_batch([rows[i] for i in idx], pad_id) for idx in order[step * accum : (step + 1) * accum]]
+        n_answer = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        for batch in micro:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast():
+                loss_sum = token_loss_sum(model, batch)
+            (loss_sum / max(n_answer, 1)).backward()
+            window["loss_sum"] += loss_sum.item()
+            window["tokens"] += int((batch["labels"] != IGNORE).sum() if "position_ids" in batch
+                                    else batch["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window["answer_tokens"] += n_answer
+        window["steps"] += 1
+        done = step + 1
+        if done % t.logging_steps == 0 or done == steps:
+            elapsed = time.perf_counter() - window["time"]
+            record = {"step": done, "loss": window["loss_sum"] / max(window["answer_tokens"], 1),
+                      "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "tokens_per_s": window["tokens"] / elapsed if elapsed else 0.0,
+                      "epoch": done * accum * t.per_device_train_batch_size / len(rows)}
+            if t.eval_steps is None and eval_rows and done == steps:
+                record["eval_loss"] = evaluate(model, eval_rows, t.per_device_train_batch_size, pad_id, device,
+                                               autocast)
+            append_jsonl(run.metrics, record)
+            trackers.log(record, done)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+            window = {"loss_sum": 0.0, "tokens": 0, "answer_tokens": 0, "steps": 0, "time": time.perf_counter()}
+        if t.eval_steps and eval_rows and (done % t.eval_steps == 0 or done == steps):
+            eval_loss = evaluate(model, eval_rows, t.per_device_train_batch_size, pad_id, device, autocast)
+            append_jsonl(run.metrics, {"step": done, "eval_loss": eval_loss})
+            trackers.log({"eval_loss": eval_loss}, done)
+        if done % t.save_steps == 0 and done < steps:
+            save_checkpoint(run.checkpoints, done, model, optimizer, scheduler, {"steps": steps},
+                            t.save_total_limit)
+        bar.update(1)
+    bar.close()
+    trackers.close()
+    return save_final(model, tokenizer, config, run, summary.fingerprint, steps)
+
+
+def save_final(model, tokenizer, config: Config, run: RunDir, data_fingerprint: str, steps: int) -> Path:
+    """Save the adapter in plain peft format (or the full model), atomically, with its metadata."""
+    target = run.full_model if config.train.method == "full" else run.adapter
+    tmp = target.with_name(f".tmp-{target.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    meta = {"base_model": config.model.name_or_path, "method": config.train.method,
+            "template": config.data.template, "max_seq_length": config.data.max_seq_length,
+            "steps": steps, "data_fingerprint": data_fingerprint, "code_fingerprint": code_fingerprint(),
+            "tunebench_version": __version__}
+    write_json_atomic(tmp / "tunebench.json", meta)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    (target / "config.yaml").write_text(run.config_file.read_text(encoding="utf-8"), encoding="utf-8")
+    log.info("saved %s", target)
+    return target
+
+
+def read_run_meta(folder: Path) -> dict:
+    return json.loads((folder / "tunebench.json").read_text(encoding="utf-8"))

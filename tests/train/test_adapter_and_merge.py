@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+
+from tunebench.config import load_config
+from tunebench.runs import RunDir
+from tunebench.train.merge import merge
+from tunebench.train.push import push
+from tunebench.train.sft import train
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("lora-run")
+    data = root / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "挨拶して", "input": "", "output": "こんにちは"}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    config = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.sources=[{{path: '{data}'}}]",
+                                "data.contamination_sets=[]", "train.method=lora", "train.max_steps=3",
+                                "train.learning_rate=5e-2", "train.lora_dropout=0.0", "train.warmup_steps=0"])
+    run = RunDir(root / "run")
+    train(config, run)
+    return run
+
+
+def ids():
+    return torch.tensor([[2, 10354, 64352, 237711, 107, 85141, 107]])
+
+
+def test_adapter_loads_with_plain_peft_and_changes_logits(lora_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        before = base(ids()).logits
+    model = PeftModel.from_pretrained(base, str(lora_run.adapter)).eval()  # no tunebench import involved
+    with torch.no_grad():
+        after = model(ids()).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+    # the same logits tunebench's own loader gives
+    from tunebench.models.trained import load_for_inference
+
+    loaded = load_for_inference(str(lora_run.root))
+    assert loaded.template == "course"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids()).logits, after)
+
+
+def test_merge_equals_base_plus_adapter(lora_run):
+    from transformers import AutoModelForCausalLM
+
+    from tunebench.models.trained import load_for_inference
+
+    with torch.no_grad():
+        expected = load_for_inference(str(lora_run.root)).model(ids()).logits
+    out = merge(lora_run.root)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers
+    assert not any("lora" in name for name in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids()).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_push_dry_run_writes_card_and_never_the_token(lora_run, tmp_path, monkeypatch):
+    secret = "hf_SECRET_TOKEN_123456"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    out = tmp_path / "upload"
+    push(lora_run.root, "me/tiny-ja", dry_run=out)
+    names = sorted(p.name for p in out.iterdir())
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "tunebench.json"} <= set(names)
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "| lora_r | 16 |" in card and "| learning_rate | 0.05 |" in card
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path

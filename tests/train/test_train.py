@@ -1,0 +1,142 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunebench.config import load_config
+from tunebench.errors import ConfigError, ModelError
+from tunebench.runs import RunDir
+from tunebench.train import checkpoint as checkpoint_module
+from tunebench.train.sft import micro_batch_order, train
+
+
+@pytest.fixture()
+def memo_data(tmp_path):
+    path = tmp_path / "memo.jsonl"
+    rows = [{"instruction": "日本の首都はどこですか？", "input": "", "output": "東京です。"},
+            {"instruction": "一足す一は？", "input": "", "output": "二です。"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_config(model_dir, data, *extra):
+    return load_config(None, [f"model.name_or_path={model_dir}", f"data.sources=[{{path: '{data}'}}]",
+                              "data.contamination_sets=[]", "train.per_device_train_batch_size=2",
+                              "train.gradient_accumulation_steps=1", "train.warmup_steps=0",
+                              "train.lr_scheduler=constant", "train.logging_steps=1", "train.save_steps=100",
+                              "train.lora_dropout=0.0", *extra])
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in run.metrics.read_text().splitlines() if "loss" in line]
+
+
+@pytest.mark.parametrize("method, lr", [("lora", 5e-2), ("full", 1e-2), ("prefix", 5e-2), ("prompt", 1e-1)])
+def test_each_method_learns_a_memorised_batch(tmp_path, tiny_model_dir, memo_data, method, lr):
+    config = make_config(tiny_model_dir, memo_data, f"train.method={method}", "train.max_steps=8",
+                         f"train.learning_rate={lr}")
+    run = RunDir(tmp_path / "run")
+    out = train(config, run)
+    curve = losses(run)
+    assert len(curve) == 8 and curve[-1] < curve[0] - 0.5, curve
+    assert (out / "tunebench.json").exists()
+    assert json.loads((out / "tunebench.json").read_text())["template"] == "course"
+
+
+def test_dora_and_rslora_switches_reach_peft(tmp_path, tiny_model_dir, memo_data):
+    config = make_config(tiny_model_dir, memo_data, "train.method=lora", "train.max_steps=1",
+                         "train.use_dora=true", "train.use_rslora=true")
+    out = train(config, RunDir(tmp_path / "run"))
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is True and adapter["use_rslora"] is True
+    assert {t.rsplit(".", 1)[-1] for t in adapter["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_loss_ignores_prompt_tokens(tmp_path, tiny_model_dir, memo_data):
+    """The logged loss equals cross-entropy over answer tokens only, computed here from scratch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = make_config(tiny_model_dir, memo_data, "train.method=full", "train.max_steps=1",
+                         "train.learning_rate=0.0", "train.gradient_checkpointing=false")
+    run = RunDir(tmp_path / "run")
+    train(config, run)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    total, count = 0.0, 0
+    for q, a in [("日本の首都はどこですか？", "東京です。"), ("一足す一は？", "二です。")]:
+        prompt = tok(f"### 指示\n{q}\n### 回答\n")["input_ids"]
+        answer = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+        for i, token in enumerate(answer):
+            total -= logp[len(prompt) + i - 1, token].item()
+            count += 1
+    assert losses(run)[0] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_kill_during_save_then_resume_matches_uninterrupted(tmp_path, tiny_model_dir, memo_data, monkeypatch):
+    extra = ("train.method=lora", "train.max_steps=6", "train.save_steps=2", "train.learning_rate=1e-2",
+             "train.lora_dropout=0.1", "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=2",
+             "train.lr_scheduler=linear", "train.warmup_steps=2")
+    straight = train(make_config(tiny_model_dir, memo_data, *extra), RunDir(tmp_path / "straight"))
+
+    run = RunDir(tmp_path / "killed")
+    real_write_state = checkpoint_module.write_state
+    calls = []
+
+    def dying_write_state(path, state):
+        calls.append(state["step"])
+        if state["step"] == 4:
+            raise KeyboardInterrupt("killed while saving checkpoint-4")
+        real_write_state(path, state)
+
+    monkeypatch.setattr(checkpoint_module, "write_state", dying_write_state)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(tiny_model_dir, memo_data, *extra), run)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == [".tmp-checkpoint-4", "checkpoint-2"]
+    monkeypatch.setattr(checkpoint_module, "write_state", real_write_state)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(make_config(tiny_model_dir, memo_data, *extra), run)
+    resumed = train(make_config(tiny_model_dir, memo_data, *extra), run, resume=True)
+    a = load_file(str(straight / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert losses(run)[-4:] == pytest.approx(losses(RunDir(tmp_path / "straight"))[-4:], rel=1e-6)
+    assert [p.name for p in run.checkpoints.iterdir()] == ["checkpoint-4"] or \
+        sorted(p.name for p in run.checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_checkpoints_rotate_to_save_total_limit(tmp_path, tiny_model_dir, memo_data):
+    config = make_config(tiny_model_dir, memo_data, "train.method=lora", "train.max_steps=7", "train.save_steps=2",
+                         "train.save_total_limit=2")
+    run = RunDir(tmp_path / "run")
+    train(config, run)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_data_order_is_seeded_and_covers_each_epoch():
+    order = micro_batch_order(5, 2, seed=3, count=6)
+    assert order == micro_batch_order(5, 2, seed=3, count=6) != micro_batch_order(5, 2, seed=4, count=6)
+    assert sorted(i for b in order[:3] for i in b) == [0, 1, 2, 3, 4]
+
+
+def test_qlora_on_cpu_fails_at_start_saying_what_to_use(tmp_path, tiny_model_dir, memo_data):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ModelError, match="use --set train.method=lora"):
+        train(make_config(tiny_model_dir, memo_data, "train.method=qlora", "train.max_steps=1"), RunDir(tmp_path / "r"))
+
+
+def test_contaminated_data_is_refused_by_train(tmp_path, tiny_model_dir):
+    elyza = json.loads(open("src/tunebench/builtin/elyza-tasks-100.jsonl", encoding="utf-8").readline())
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"instruction": elyza["input"], "input": "", "output": "x"}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    config = make_config(tiny_model_dir, path, "data.contamination_sets=[elyza-tasks-100]", "train.max_steps=1")
+    from tunebench.errors import DataError
+
+    with pytest.raises(DataError, match="overlap evaluation data"):
+        train(config, RunDir(tmp_path / "r"))
