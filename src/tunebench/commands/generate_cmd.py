@@ -1,0 +1,110 @@
+"""`tunebench generate`, `tunebench validate`, `tunebench serve`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from tunebench.config import load_config
+
+TEMPLATES = ["course", "alpaca-ja", "chat"]
+
+
+def register(sub) -> None:
+    gen = sub.add_parser(
+        "generate", help="answer a task set in the submission format (batched, resumable, validated)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write {task_id, input, output} lines, one per task in task order. A rerun resumes.",
+        epilog="examples:\n  tunebench generate runs/quickstart --tasks elyza-tasks-100-tv\n"
+               "  tunebench generate llm-jp/llm-jp-3-13b --template course --tasks my_tasks.jsonl --out base.jsonl")
+    gen.add_argument("target", help="a run directory, a merged model folder, or a hub id / model folder")
+    gen.add_argument("--tasks", help="task-set name (elyza-tasks-100, elyza-tasks-100-tv) or JSONL with task_id+input"
+                     " (default: generate.tasks of the run's config)")
+    gen.add_argument("--out", help="predictions file (default: RUN/predictions.jsonl, or predictions.jsonl)")
+    gen.add_argument("--template", choices=TEMPLATES, help="prompt template, required for a plain model "
+                     "without a chat template (a run uses its own)")
+    gen.add_argument("--config", help="take generate settings from this config (default: the run's own)")
+    gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="e.g. --set generate.max_new_tokens=256 --set generate.repetition_penalty=1.1")
+    gen.set_defaults(func=run_generate)
+
+    val = sub.add_parser("validate", help="check a predictions file against its task file",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="example:\n  tunebench validate predictions.jsonl --tasks elyza-tasks-100-tv")
+    val.add_argument("predictions")
+    val.add_argument("--tasks", required=True, help="task-set name or JSONL with task_id+input")
+    val.set_defaults(func=run_validate)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible chat server over a run or model",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="example:\n  tunebench serve runs/quickstart --port 8000\n"
+                                  "  then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none')")
+    serve.add_argument("target", help="a run directory, merged model folder, or hub id / model folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--template", choices=TEMPLATES)
+    serve.add_argument("--name", help="model name reported by /v1/models (default: the target)")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    serve.set_defaults(func=run_serve)
+
+
+def settings_for(target: str, config_path: str | None, overrides: list[str]):
+    """Generation settings: --config, else the run's saved config, else defaults; then --set."""
+    from tunebench.models.trained import find_trained
+
+    if config_path is None:
+        trained = find_trained(Path(target))
+        if trained is not None and (trained / "config.yaml").exists():
+            config_path = str(trained / "config.yaml")
+    return load_config(config_path, overrides)
+
+
+def run_generate(args) -> int:
+    from tunebench.generate.answers import generate_answers
+    from tunebench.models.trained import find_trained
+
+    config = settings_for(args.target, args.config, args.overrides)
+    trained = find_trained(Path(args.target))
+    out = Path(args.out) if args.out else (trained.parent / "predictions.jsonl" if trained else Path("predictions.jsonl"))
+    result = generate_answers(args.target, args.tasks or config.generate.tasks, out, config.generate, args.template)
+    speed = f", {result.new_tokens / result.seconds:.1f} new tokens/s" if result.answered and result.seconds else ""
+    print(f"answered {result.answered} task(s) (reused {result.reused}) in {result.seconds:.1f}s{speed}; "
+          f"{result.hit_max_tokens} hit max_new_tokens")
+    print(f"submission: {result.path} (validated)")
+    return 0
+
+
+def run_validate(args) -> int:
+    from tunebench.generate.validate import validate_predictions
+    from tunebench.tasksets import load_tasks
+
+    tasks = load_tasks(args.tasks)
+    issues = validate_predictions(Path(args.predictions), tasks)
+    for issue in issues:
+        print(f"{args.predictions}: {issue}")
+    if issues:
+        print(f"{len(issues)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{args.predictions}: OK — {len(tasks)} tasks, one non-empty answer each")
+    return 0
+
+
+def run_serve(args) -> int:
+    from tunebench.generate.answers import pick_template
+    from tunebench.generate.engine import Generator
+    from tunebench.generate.serve import make_server
+    from tunebench.models.trained import load_for_inference
+
+    config = settings_for(args.target, None, args.overrides)
+    loaded = load_for_inference(args.target)
+    template = pick_template(loaded.template, args.template, loaded.tokenizer)
+    generator = Generator(loaded.model, loaded.tokenizer, template, dataclasses.replace(config.generate, batch_size=1))
+    server = make_server(generator, args.name or args.target, args.host, args.port)
+    print(f"serving {args.target} at http://{args.host}:{server.server_address[1]}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0

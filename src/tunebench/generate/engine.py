@@ -1,0 +1,115 @@
+"""Batched generation with transformers: left padding, per-row stopping, answer-only output.
+
+Prompts are sorted by length so each batch pads little, then answers are returned in the input
+order. Each prompt is encoded by the data stage's own encoder (the training prefix), left-padded
+with an attention mask, so greedy batched outputs equal one-at-a-time outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from tunebench.config import GenerateConfig
+from tunebench.data.templates import STOP_STRINGS, stop_token_ids
+from tunebench.data.tokens import encode_prompt, special_prefix
+
+EMPTY_RETRY_MIN_TOKENS = 8
+
+
+@dataclass
+class Answer:
+    index: int
+    text: str
+    new_tokens: int
+    stopped: bool  # ended by EOS or a stop string (not by max_new_tokens)
+
+
+def stop_strings_for(config: GenerateConfig, template: str) -> list[str]:
+    return list(config.stop) if config.stop is not None else list(STOP_STRINGS.get(template, []))
+
+
+def clean_answer(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Cut at the first stop string (template residue such as the next '### 指示') and trim."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        text = text[:cut]
+    return text.strip(), cut >= 0
+
+
+class Generator:
+    """Holds a model, tokenizer and template; turns instructions into answers."""
+
+    def __init__(self, model, tokenizer, template: str, config: GenerateConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.config = config
+        self.stops = stop_strings_for(config, template)
+        self.eos_ids = stop_token_ids(tokenizer, template)
+        self.prefix = special_prefix(tokenizer)
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        return encode_prompt(messages, self.template, self.tokenizer, self.prefix)
+
+    def generation_kwargs(self, max_new_tokens: int | None = None, min_new_tokens: int = 0) -> dict:
+        c = self.config
+        kwargs = {"max_new_tokens": max_new_tokens or c.max_new_tokens, "do_sample": c.do_sample,
+                  "min_new_tokens": min_new_tokens,
+                  "repetition_penalty": c.repetition_penalty, "eos_token_id": self.eos_ids,
+                  "pad_token_id": self.tokenizer.pad_token_id}
+        if c.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = c.no_repeat_ngram_size
+        if c.do_sample:
+            kwargs.update(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k or None)
+        else:  # greedy: unset the sampling knobs a model's generation_config may carry
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.stops:
+            kwargs.update(stop_strings=self.stops, tokenizer=self.tokenizer)
+        return kwargs
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int | None = None,
+                       min_new_tokens: int = 0) -> list[Answer]:
+        """One batch of encoded prompts, left-padded."""
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask, **self.generation_kwargs(max_new_tokens, min_new_tokens))
+        answers = []
+        for row, tokens in enumerate(out[:, width:].tolist()):
+            ended_by_eos = False
+            for cut, token in enumerate(tokens):
+                if token in self.eos_ids:
+                    tokens, ended_by_eos = tokens[:cut], True
+                    break
+            text, stopped = clean_answer(self.tokenizer.decode(tokens, skip_special_tokens=True), self.stops)
+            answers.append(Answer(row, text, len(tokens), stopped or ended_by_eos))
+        return answers
+
+    def generate(self, items: list[list[dict[str, str]]], on_answer: Callable[[Answer], None] | None = None,
+                 progress: Iterable | None = None) -> list[Answer]:
+        """Answer conversations in batches of config.batch_size, longest first; results in input order.
+        `on_answer` is called as each batch finishes (for resumable writing)."""
+        encoded = [self.encode(m) for m in items]
+        order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))
+        results: list[Answer | None] = [None] * len(items)
+        size = max(1, self.config.batch_size)
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            for position, answer in zip(chunk, self.generate_batch([encoded[i] for i in chunk])):
+                if not answer.text:
+                    # An immediate EOS or stop string leaves nothing, which a submission may not hold:
+                    # answer again with EOS suppressed for the first tokens.
+                    answer = self.generate_batch([encoded[position]], min_new_tokens=EMPTY_RETRY_MIN_TOKENS)[0]
+                answer.index = position
+                results[position] = answer
+                if on_answer:
+                    on_answer(answer)
+            if progress is not None:
+                progress.update(len(chunk))
+        return results  # type: ignore[return-value]

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+
+from tunebench.config import GenerateConfig
+from tunebench.errors import ConfigError
+from tunebench.generate import engine
+from tunebench.generate.answers import generate_answers, pick_template
+from tunebench.generate.engine import Generator, clean_answer
+from tunebench.models.trained import load_for_inference
+
+LIVELY = dict(repetition_penalty=1.0, no_repeat_ngram_size=1)  # a random model's greedy text never repeats
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_for_inference(str(tiny_model_dir))
+
+
+@pytest.fixture()
+def tasks_file(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    inputs = ["日本の首都は？", "短い詩を書いてください。季節は春です。", "1+1は？", "自己紹介をしてください。",
+              "おすすめの本を三冊教えてください。理由も添えてください。", "こんにちは"]
+    path.write_text("".join(json.dumps({"task_id": i, "input": s}, ensure_ascii=False) + "\n"
+                            for i, s in enumerate(inputs)), encoding="utf-8")
+    return path
+
+
+def test_clean_answer_cuts_template_residue():
+    assert clean_answer("東京です。\n### 指示\n次の質問", ["### 指示", "### 回答"]) == ("東京です。", True)
+    assert clean_answer("  答え  ", ["### 指示"]) == ("答え", False)
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny):
+    prompts = [[{"role": "user", "content": q}] for q in ["日本の首都は？", "春の詩を書いてください。長めにお願いします。",
+                                                          "1+1は？", "こんにちは、元気ですか？"]]
+    batched = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(max_new_tokens=12, batch_size=4, **LIVELY))
+    single = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(max_new_tokens=12, batch_size=1, **LIVELY))
+    a, b = batched.generate(prompts), single.generate(prompts)
+    assert [x.text for x in a] == [x.text for x in b]
+    assert all(x.text for x in a) and len({x.text for x in a}) == 4
+
+
+def test_generate_writes_task_order_and_resumes_after_crash(tmp_path, tiny_model_dir, tasks_file, monkeypatch):
+    config = GenerateConfig(max_new_tokens=6, batch_size=2, **LIVELY)
+    out = tmp_path / "predictions.jsonl"
+    real = Generator.generate_batch
+    calls = []
+    crashed = []
+
+    def crash_on_second_batch(self, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        if len(calls) == 2 and not crashed:
+            crashed.append(True)
+            raise RuntimeError("CUDA error: the machine fell over")
+        return real(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Generator, "generate_batch", crash_on_second_batch)
+    with pytest.raises(RuntimeError):
+        generate_answers(str(tiny_model_dir), str(tasks_file), out, config, template="course")
+    partial = out.with_name(out.name + ".partial")
+    kept = [json.loads(line) for line in partial.read_text(encoding="utf-8").splitlines()]
+    assert len(kept) == 2 and not out.exists()
+
+    calls.clear()
+    result = generate_answers(str(tiny_model_dir), str(tasks_file), out, config, template="course")
+    assert (result.answered, result.reused) == (4, 2) and calls == [2, 2]  # only the unfinished tasks
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["task_id"] for r in rows] == list(range(6)) and all(r["output"] for r in rows)
+    for row in kept:  # finished answers were kept as they were
+        assert rows[row["task_id"]] == row
+    assert not partial.exists()
+
+
+def test_template_rules(tiny):
+    assert pick_template("course", None, tiny.tokenizer) == "course"
+    with pytest.raises(ConfigError, match="trained with template 'course'"):
+        pick_template("course", "alpaca-ja", tiny.tokenizer)
+    with pytest.raises(ConfigError, match="a plain model needs --template"):
+        pick_template(None, None, tiny.tokenizer)
+
+
+def test_empty_answer_is_retried_with_eos_suppressed(tiny, monkeypatch):
+    generator = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(max_new_tokens=4, **LIVELY))
+    seen = []
+    real = Generator.generate_batch
+
+    def first_empty(self, prompts, max_new_tokens=None, min_new_tokens=0):
+        seen.append(min_new_tokens)
+        answers = real(self, prompts, max_new_tokens, min_new_tokens)
+        if min_new_tokens == 0:
+            answers[0].text = ""
+        return answers
+
+    monkeypatch.setattr(Generator, "generate_batch", first_empty)
+    (answer,) = generator.generate([[{"role": "user", "content": "はい"}]])
+    assert seen == [0, engine.EMPTY_RETRY_MIN_TOKENS] and answer.text
