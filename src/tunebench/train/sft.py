@@ -178,6 +178,8 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
                       "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "tokens_per_s": window["tokens"] / elapsed if elapsed else 0.0,
                       "epoch": done * accum * t.per_device_train_batch_size / len(rows)}
+            if device.type == "cuda":
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if t.eval_steps is None and eval_rows and done == steps:
                 record["eval_loss"] = evaluate(model, eval_rows, t.per_device_train_batch_size, pad_id, device,
                                                autocast)

@@ -1,0 +1,107 @@
+"""tunebench training on the GPU: real Gemma 3 270M and a random llm-jp-3-13b-shaped model.
+
+Runs `tunebench.train.sft.train` exactly as the CLI does and reads its metrics: median real
+(non-pad) tokens/s over the steps after the first two (warm-up), peak GPU memory, last loss.
+
+The 13B case is random-initialised (speed and memory do not depend on the weights' values). It
+is tokenised with Gemma's tokenizer and its ids folded into llm-jp-3's 99,487-token vocabulary:
+lengths, which is all speed and memory depend on, are real megagon lengths.
+
+    python bench/train_gpu.py --cases gemma-qlora,gemma-lora,llmjp13b-qlora --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tunebench.config import load_config  # noqa: E402
+from tunebench.data.prepare import prepare  # noqa: E402
+from tunebench.models.tokenizer import load_tokenizer  # noqa: E402
+from tunebench.runs import RunDir  # noqa: E402
+from tunebench.train.sft import train  # noqa: E402
+
+LLMJP_13B = dict(vocab_size=99487, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+                 num_key_value_heads=40, intermediate_size=13824, max_position_embeddings=4096,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def build_random_13b(path: Path) -> None:
+    """Random llm-jp-3-13b-shaped Llama in bf16, initialised on the GPU, saved once per machine."""
+    if (path / "config.json").exists():
+        return
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    start = time.time()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**LLMJP_13B))
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    print(f"built random 13B at {path} in {time.time() - start:.0f}s", flush=True)
+
+
+def run_case(name: str, steps: int, seq: int, out: Path) -> dict:
+    model, method = name.split("-")
+    overrides = [f"train.method={method}", f"train.max_steps={steps}", "train.logging_steps=1",
+                 "train.save_steps=100000", f"data.max_seq_length={seq}", "train.per_device_train_batch_size=2",
+                 "train.gradient_accumulation_steps=4", "train.warmup_steps=10", "data.template=course",
+                 "data.sources=[{path: 'builtin:ja-instruct-megagon'}]"]
+    if model == "gemma":
+        overrides += ["model.name_or_path=embedded:gemma-3-270m"]
+    if model == "llmjp13b":
+        build_random_13b(Path("/tmp/llmjp13b"))
+        overrides += ["model.name_or_path=/tmp/llmjp13b", "model.tokenizer=embedded:gemma-3-270m"]
+    config = load_config("configs/llm-jp-3-13b-qlora.yaml", overrides)
+    run = RunDir(out / f"{name}-{seq}")
+    if model == "llmjp13b":  # fold ids into the 13B vocabulary; prepare() then reuses these rows
+        tokenizer = load_tokenizer(config.model)
+        prepare(config, run, tokenizer, config.model.tokenizer or config.model.name_or_path)
+        path = run.data_dir / "train.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        with path.open("w") as handle:
+            for row in rows:
+                row["input_ids"] = [i % LLMJP_13B["vocab_size"] for i in row["input_ids"]]
+                row["labels"] = [i if i == -100 else i % LLMJP_13B["vocab_size"] for i in row["labels"]]
+                handle.write(json.dumps(row) + "\n")
+    torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    train(config, run)
+    wall = time.time() - start
+    metrics = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    steady = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m][2:]
+    return {"case": name, "seq": seq, "steps": steps, "tokens_per_s": statistics.median(steady),
+            "peak_gib": max(m.get("peak_memory_gib", 0) for m in metrics), "loss_first": metrics[0]["loss"],
+            "loss_last": metrics[-1]["loss"], "wall_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default="gemma-qlora,gemma-lora,llmjp13b-qlora")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--out", default="/tmp/bench-runs")
+    args = parser.parse_args()
+    results = []
+    for name in args.cases.split(","):
+        results.append(run_case(name, args.steps, args.seq, Path(args.out)))
+        print(json.dumps(results[-1]), flush=True)
+    print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"{'case':<16}{'seq':>5}{'steps':>6}{'tok/s':>10}{'peak GiB':>10}{'loss 1st→last':>18}{'wall s':>8}")
+    for r in results:
+        print(f"{r['case']:<16}{r['seq']:>5}{r['steps']:>6}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.1f}"
+              f"{r['loss_first']:>9.3f}→{r['loss_last']:<8.3f}{r['wall_s']:>8.0f}")
+
+
+if __name__ == "__main__":
+    main()
