@@ -108,6 +108,7 @@ class JudgeConfig:
     concurrency: int = 4
     requests_per_minute: int | None = None
     max_retries: int = 5
+    backoff_s: float = 1.0  # first retry pause; doubles each attempt, with jitter
     timeout_s: float = 120.0
     samples: int = 1
     temperature: float = 0.0

@@ -1,0 +1,106 @@
+"""`tunebench judge`, `tunebench judge calibrate`, `tunebench eval nll`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tunebench.config import load_config
+from tunebench.errors import ConfigError
+
+JUDGE_EPILOG = """examples:
+  GEMINI_API_KEY=... tunebench judge runs/quickstart/predictions.jsonl --judge gemini:gemini-2.5-flash
+  tunebench judge predictions.jsonl --tasks elyza-tasks-100 --judge openai:gpt-4o-mini --samples 3
+  tunebench judge predictions.jsonl --judge openai:qwen2.5 --base-url http://127.0.0.1:11434/v1   # Ollama
+  tunebench judge calibrate --judge openai:gpt-4o-mini --n 100     # agreement with GPT-4-class scores
+
+Judgments are cached in judgments.jsonl next to the predictions: a rerun pays only for what changed.
+API keys are read from the environment (GEMINI_API_KEY, OPENAI_API_KEY or --api-key-env NAME)."""
+
+
+def register(sub) -> None:
+    judge = sub.add_parser("judge", help="score answers 1-5 with an LLM judge (or: judge calibrate)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=JUDGE_EPILOG,
+                           description="Score each answer on ELYZA's 1-5 scale and report the mean with a 95% CI.")
+    judge.add_argument("predictions", metavar="PREDICTIONS|calibrate",
+                       help="a predictions JSONL (or a run directory), or the word 'calibrate'")
+    judge.add_argument("--judge", help="BACKEND:MODEL — openai:MODEL, gemini:MODEL or local:RUN_OR_MODEL")
+    judge.add_argument("--tasks", help="task set the answers belong to (default: the run's generate.tasks)")
+    judge.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    judge.add_argument("--api-key-env", help="environment variable holding the API key")
+    judge.add_argument("--samples", type=int, help="judgments per answer (mean and spread reported)")
+    judge.add_argument("--temperature", type=float)
+    judge.add_argument("--concurrency", type=int)
+    judge.add_argument("--rpm", type=int, help="requests-per-minute cap")
+    judge.add_argument("--config", help="take judge settings from this config (default: the run's own)")
+    judge.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    judge.add_argument("--n", type=int, default=50, help="calibrate: answers to sample")
+    judge.add_argument("--data", help="calibrate: judge-calibration folder (default: shared/data/judge-calibration)")
+    judge.add_argument("--reference-judge", default="gpt-4-turbo-preview", help="calibrate: judge to compare with")
+    judge.add_argument("--out", help="calibrate: output folder (default runs/calibration/<judge>)")
+    judge.set_defaults(func=run_judge)
+
+    evaluate = sub.add_parser("eval", help="API-free evaluation signals",
+                              description="API-free evaluation: reference-answer NLL.")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", metavar="ACTION")
+    evaluate.set_defaults(func=lambda args: evaluate.print_help())
+    nll = eval_sub.add_parser("nll", help="mean per-token NLL of ELYZA-tasks-100's reference answers",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="example:\n  tunebench eval nll runs/quickstart --tasks elyza-tasks-100")
+    nll.add_argument("target", help="a run directory, merged model, or hub id / folder")
+    nll.add_argument("--tasks", default="elyza-tasks-100", help="a task set with reference answers")
+    nll.add_argument("--template", choices=["course", "alpaca-ja", "chat"], help="for a plain model")
+    nll.set_defaults(func=run_nll)
+
+
+def judge_settings(args, run_config: Path | None):
+    config_path = args.config or (str(run_config) if run_config and run_config.exists() else None)
+    config = load_config(config_path, args.overrides)
+    j = config.judge
+    for field, value in (("judge", args.judge), ("base_url", args.base_url), ("api_key_env", args.api_key_env),
+                         ("samples", args.samples), ("temperature", args.temperature),
+                         ("concurrency", args.concurrency), ("requests_per_minute", args.rpm)):
+        if value is not None:
+            setattr(j, field, value)
+    if not j.judge:
+        raise ConfigError("no judge configured: pass --judge BACKEND:MODEL (e.g. gemini:gemini-2.5-flash with "
+                          "GEMINI_API_KEY set) or set judge.judge in the config")
+    return config
+
+
+def run_judge(args) -> int:
+    if args.predictions == "calibrate":
+        from tunebench.judge.calibrate import calibrate, format_calibration
+
+        config = judge_settings(args, None)
+        safe = config.judge.judge.replace(":", "_").replace("/", "_")
+        out = Path(args.out) if args.out else Path("runs") / "calibration" / safe
+        result = calibrate(config.judge, args.n, out, args.data, args.reference_judge)
+        print(format_calibration(result))
+        print(f"wrote {out / 'calibration.json'}")
+        return 0
+    from tunebench.judge.score import judge_predictions
+
+    path = Path(args.predictions)
+    if path.is_dir():
+        path = path / "predictions.jsonl"
+    if not path.exists():
+        raise ConfigError(f"{path}: no predictions file; run `tunebench generate` first")
+    config = judge_settings(args, path.parent / "config.yaml")
+    report = judge_predictions(path, args.tasks or config.generate.tasks, config.judge)
+    print(report.table())
+    print(f"wrote {path.parent / 'scores.json'} and {path.parent / 'judgments.jsonl'}")
+    return 0
+
+
+def run_nll(args) -> int:
+    from tunebench.generate.answers import pick_template
+    from tunebench.judge.nll import reference_nll
+    from tunebench.models.trained import load_for_inference
+
+    loaded = load_for_inference(args.target)
+    template = pick_template(loaded.template, args.template, loaded.tokenizer)
+    result = reference_nll(loaded.model, loaded.tokenizer, template, args.tasks)
+    print(json.dumps(result, ensure_ascii=False))
+    return 0

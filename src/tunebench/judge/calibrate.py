@@ -1,0 +1,87 @@
+"""`tunebench judge calibrate`: how far a judge agrees with published GPT-4-class ELYZA scores.
+
+Re-scores a seeded sample of published ELYZA-tasks-100 answers (shared/data/judge-calibration)
+with the user's judge and the reference rubric, and compares with a reference judge's scores.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from tunebench.config import JudgeConfig
+from tunebench.errors import DataError
+from tunebench.judge.backends import JudgeBackend, make_backend
+from tunebench.judge.rubric import load_rubric
+from tunebench.judge.runner import Item, JudgeRunner
+from tunebench.judge.stats import agreement
+from tunebench.runs import write_json_atomic
+from tunebench.tasksets import load_tasks
+
+CALIBRATION_RELATIVE = Path("shared/data/judge-calibration")
+DEFAULT_FILES = ("shaberi_elyza100.jsonl", "bench_elyza_gpt-4o-mini.jsonl", "nss_gpt4-autoeval_command-r-plus.jsonl")
+
+
+def find_calibration_dir(explicit: str | None) -> Path:
+    if explicit:
+        path = Path(explicit)
+        if not path.is_dir():
+            raise DataError(f"{explicit}: calibration folder not found")
+        return path
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / CALIBRATION_RELATIVE).is_dir():
+            return folder / CALIBRATION_RELATIVE
+    raise DataError(f"no judge-calibration data: pass --data DIR (a folder like ./{CALIBRATION_RELATIVE})")
+
+
+def load_calibration_rows(folder: Path, reference_judge: str) -> list[dict]:
+    """Rows whose `scores` carry the reference judge's score."""
+    rows = []
+    for name in DEFAULT_FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        for line_no, line in enumerate(path.open(encoding="utf-8"), start=1):
+            row = json.loads(line)
+            if row.get("scores", {}).get(reference_judge) is not None:
+                rows.append({**row, "origin": f"{path}:{line_no}"})
+    if not rows:
+        raise DataError(f"{folder}: no rows scored by '{reference_judge}' (see PROVENANCE.md for judge names)")
+    return rows
+
+
+def calibrate(config: JudgeConfig, n: int, out_dir: Path, data_dir: str | None = None,
+              reference_judge: str = "gpt-4-turbo-preview", seed: int = 0,
+              backend: JudgeBackend | None = None, progress: bool = True) -> dict:
+    rows = load_calibration_rows(find_calibration_dir(data_dir), reference_judge)
+    sample = random.Random(seed).sample(rows, min(n, len(rows)))
+    tasks = {t.task_id: t for t in load_tasks("elyza-tasks-100")}
+    items = [Item(i, tasks[r["task_id"]].input, r["output"], tasks[r["task_id"]].reference,
+                  tasks[r["task_id"]].eval_aspect) for i, r in enumerate(sample)]
+    backend = backend or make_backend(config)
+    runner = JudgeRunner(backend, load_rubric(config.prompt_file, True), out_dir / "judgments.jsonl",
+                         samples=1, temperature=config.temperature, concurrency=config.concurrency,
+                         requests_per_minute=config.requests_per_minute, max_retries=config.max_retries,
+                         backoff_s=config.backoff_s)
+    judgments = runner.judge_all(items, progress)
+    ours, theirs = [], []
+    for item, row in zip(items, sample):
+        score = judgments[item.task_id][0]["score"]
+        if score is not None:
+            ours.append(score)
+            theirs.append(row["scores"][reference_judge])
+    if not ours:
+        raise DataError("the judge scored none of the calibration answers; see the warnings above")
+    result = {"judge": backend.name, "reference_judge": reference_judge, "sampled": len(items),
+              "unscored": len(items) - len(ours), **agreement(ours, theirs)}
+    write_json_atomic(out_dir / "calibration.json", result)
+    return result
+
+
+def format_calibration(result: dict) -> str:
+    return (f"{result['judge']} vs {result['reference_judge']} on {result['n']} answers "
+            f"({result['unscored']} unscored of {result['sampled']}):\n"
+            f"  pearson {result['pearson']:.3f}  spearman {result['spearman']:.3f}  exact {result['exact']:.1%}  "
+            f"within ±1 {result['within_1']:.1%}  mean bias {result['mean_bias']:+.2f}")

@@ -1,0 +1,102 @@
+"""`tunebench judge`: score a predictions file 1–5 and report the mean with a 95% CI."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunebench.config import JudgeConfig
+from tunebench.errors import DataError
+from tunebench.judge.backends import JudgeBackend, make_backend
+from tunebench.judge.rubric import load_rubric
+from tunebench.judge.runner import Item, JudgeRunner
+from tunebench.judge.stats import bootstrap_ci
+from tunebench.runs import write_json_atomic
+from tunebench.tasksets import load_tasks
+
+
+@dataclass
+class ScoreReport:
+    data: dict
+
+    def table(self) -> str:
+        d = self.data
+        lines = [f"{'task':>6}  {'score':>5}  reason"]
+        for row in d["per_task"]:
+            score = "  -  " if row["score"] is None else f"{row['score']:5.2f}"
+            reason = (row["reason"] or row.get("error") or "").replace("\n", " ")[:70]
+            lines.append(f"{row['task_id']!s:>6}  {score}  {reason}")
+        lines.append(f"judge {d['judge']} on {d['tasks']}: mean {d['mean']:.3f} "
+                     f"(95% CI {d['ci_low']:.3f}–{d['ci_high']:.3f}), {d['scored']} scored, {d['unscored']} unscored"
+                     if d["scored"] else f"judge {d['judge']}: no answer could be scored ({d['unscored']} unscored)")
+        return "\n".join(lines)
+
+
+def read_predictions(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg}); run `tunebench validate`") from None
+            for key in ("task_id", "input", "output"):
+                if key not in row:
+                    raise DataError(f"{path}:{line_no}: field '{key}' is missing; run `tunebench validate`")
+            rows.append(row)
+    return rows
+
+
+def build_items(predictions: list[dict], tasks_name: str) -> list[Item]:
+    tasks = {t.task_id: t for t in load_tasks(tasks_name)}
+    items = []
+    for row in predictions:
+        task = tasks.get(row["task_id"])
+        if task is None:
+            raise DataError(f"task_id {row['task_id']!r} is not in {tasks_name}: judge with the task file it answers")
+        if task.input != row["input"]:
+            raise DataError(f"task_id {row['task_id']!r}: input differs from {tasks_name}; wrong --tasks?")
+        items.append(Item(row["task_id"], row["input"], str(row["output"]), task.reference, task.eval_aspect))
+    return items
+
+
+def aggregate(items: list[Item], judgments: dict, judge: str, tasks_name: str, prompt_hash: str) -> dict:
+    per_task, means = [], []
+    for item in items:
+        records = judgments[item.task_id]
+        scores = [r["score"] for r in records if r["score"] is not None]
+        mean = statistics.fmean(scores) if scores else None
+        if mean is not None:
+            means.append(mean)
+        per_task.append({"task_id": item.task_id, "score": mean, "scores": [r["score"] for r in records],
+                         "spread": statistics.pstdev(scores) if len(scores) > 1 else 0.0 if scores else None,
+                         "reason": next((r["reason"] for r in records if r["reason"]), None),
+                         "error": next((r["error"] for r in records if r["error"]), None),
+                         "output": item.output})
+    low, high = bootstrap_ci(means)
+    return {"judge": judge, "tasks": tasks_name, "prompt_hash": prompt_hash,
+            "mean": statistics.fmean(means) if means else None, "ci_low": low, "ci_high": high,
+            "scored": len(means), "unscored": len(items) - len(means),
+            "samples": max((len(judgments[i.task_id]) for i in items), default=0), "per_task": per_task}
+
+
+def judge_predictions(predictions: Path, tasks_name: str, config: JudgeConfig, out_dir: Path | None = None,
+                      backend: JudgeBackend | None = None, progress: bool = True) -> ScoreReport:
+    items = build_items(read_predictions(predictions), tasks_name)
+    has_reference = all(i.reference for i in items)
+    rubric = load_rubric(config.prompt_file, has_reference)
+    backend = backend or make_backend(config)
+    out_dir = out_dir or predictions.parent
+    runner = JudgeRunner(backend, rubric, out_dir / "judgments.jsonl", samples=config.samples,
+                         temperature=config.temperature, concurrency=config.concurrency,
+                         requests_per_minute=config.requests_per_minute, max_retries=config.max_retries,
+                         backoff_s=config.backoff_s)
+    judgments = runner.judge_all(items, progress)
+    report = aggregate(items, judgments, backend.name, tasks_name, runner.prompt_hash)
+    report["rubric"] = "reference" if has_reference else "reference-free"
+    write_json_atomic(out_dir / "scores.json", report)
+    return ScoreReport(report)

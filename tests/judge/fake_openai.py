@@ -1,0 +1,82 @@
+"""A scripted OpenAI-compatible chat server on 127.0.0.1 for judge tests.
+
+The behaviour of each request is chosen by a marker in the answer being judged:
+CASE:429 / CASE:500 / CASE:SLOW fail on the first attempt, CASE:NOSCORE never gives a score,
+CASE:EMPTY answers with empty text once, CASE:401 refuses; anything else gets '評価: N' where N
+is the digit after 'WANT:' in the answer (default 3).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeJudge(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.hits = Counter()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def total(self) -> int:
+        return sum(self.hits.values())
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: FakeJudge
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, payload, headers=()):
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][-1]["content"]
+        case = re.search(r"CASE:(\w+)", prompt)
+        case = case.group(1) if case else "OK"
+        with self.server.lock:
+            self.server.hits[prompt] += 1
+            attempt = self.server.hits[prompt]
+        if case == "401":
+            return self.reply(401, {"error": {"message": "invalid api key", "type": "auth"}})
+        if case == "429" and attempt == 1:
+            return self.reply(429, {"error": {"message": "slow down", "type": "rate_limit"}}, [("Retry-After", "0.05")])
+        if case == "500" and attempt == 1:
+            return self.reply(500, {"error": {"message": "boom", "type": "server"}})
+        if case == "SLOW" and attempt == 1:
+            time.sleep(1.5)
+        want = re.search(r"WANT:(\d)", prompt)
+        text = f"回答は質問に沿っています。\n評価: {want.group(1) if want else 3}"
+        if case == "NOSCORE":
+            text = "よくできていますが、点数はつけません。"
+        if case == "EMPTY" and attempt == 1:
+            text = ""
+        self.reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                      "finish_reason": "stop" if text else "content_filter"}],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
