@@ -66,6 +66,9 @@ def judge_settings(args, run_config: Path | None):
     if not j.judge:
         raise ConfigError("no judge configured: pass --judge BACKEND:MODEL (e.g. gemini:gemini-2.5-flash with "
                           "GEMINI_API_KEY set) or set judge.judge in the config")
+    from tunebench.judge.backends import parse_judge_spec
+
+    parse_judge_spec(j.judge)  # a malformed spec fails before any data is read
     return config
 
 
