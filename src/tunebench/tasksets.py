@@ -49,11 +49,10 @@ def resolve_task_file(name_or_path: str) -> Path:
     return path
 
 
-def load_tasks(name_or_path: str) -> list[Task]:
-    """Read a task JSONL with `task_id` and `input` (and optional `output`, `eval_aspect`)."""
-    path = resolve_task_file(name_or_path)
-    tasks: list[Task] = []
-    seen: dict[object, int] = {}
+def read_records(path: Path, required: tuple[str, ...], hint: str = "") -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank JSONL line; a broken line or a missing required
+    field is a DataError naming the file, line and field."""
+    records = []
     with path.open(encoding="utf-8-sig") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
@@ -61,16 +60,28 @@ def load_tasks(name_or_path: str) -> list[Task]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            for key in ("task_id", "input"):
+                raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg}){hint}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no}: a line must hold a JSON object{hint}")
+            for key in required:
                 if key not in row:
-                    raise DataError(f"{path}:{line_no}: field '{key}' is missing")
-            if not isinstance(row["input"], str) or not row["input"].strip():
-                raise DataError(f"{path}:{line_no}: field 'input' must be a non-empty string")
-            if row["task_id"] in seen:
-                raise DataError(f"{path}:{line_no}: field 'task_id' {row['task_id']!r} repeats line {seen[row['task_id']]}")
-            seen[row["task_id"]] = line_no
-            tasks.append(Task(row["task_id"], row["input"], row.get("output"), row.get("eval_aspect")))
+                    raise DataError(f"{path}:{line_no}: field '{key}' is missing{hint}")
+            records.append((line_no, row))
+    return records
+
+
+def load_tasks(name_or_path: str) -> list[Task]:
+    """Read a task JSONL with `task_id` and `input` (and optional `output`, `eval_aspect`)."""
+    path = resolve_task_file(name_or_path)
+    tasks: list[Task] = []
+    seen: dict[object, int] = {}
+    for line_no, row in read_records(path, ("task_id", "input")):
+        if not isinstance(row["input"], str) or not row["input"].strip():
+            raise DataError(f"{path}:{line_no}: field 'input' must be a non-empty string")
+        if row["task_id"] in seen:
+            raise DataError(f"{path}:{line_no}: field 'task_id' {row['task_id']!r} repeats line {seen[row['task_id']]}")
+        seen[row["task_id"]] = line_no
+        tasks.append(Task(row["task_id"], row["input"], row.get("output"), row.get("eval_aspect")))
     if not tasks:
         raise DataError(f"{path}: no tasks in file")
     return tasks

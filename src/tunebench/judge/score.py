@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from tunebench.judge.rubric import load_rubric
 from tunebench.judge.runner import Item, JudgeRunner
 from tunebench.judge.stats import bootstrap_ci
 from tunebench.runs import write_json_atomic
-from tunebench.tasksets import load_tasks
+from tunebench.tasksets import load_tasks, read_records
 
 
 @dataclass
@@ -35,20 +34,7 @@ class ScoreReport:
 
 
 def read_predictions(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg}); run `tunebench validate`") from None
-            for key in ("task_id", "input", "output"):
-                if key not in row:
-                    raise DataError(f"{path}:{line_no}: field '{key}' is missing; run `tunebench validate`")
-            rows.append(row)
-    return rows
+    return [row for _, row in read_records(path, ("task_id", "input", "output"), "; run `tunebench validate`")]
 
 
 def build_items(predictions: list[dict], tasks_name: str) -> list[Item]:

@@ -1,0 +1,106 @@
+"""Gather what a run directory holds into one plain record for reports and leaderboards."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class RunRecord:
+    name: str
+    root: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    data_summary: dict[str, Any] = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)
+    predictions: dict[Any, dict] = field(default_factory=dict)
+    scores: dict[str, Any] | None = None
+    nll: dict[str, Any] | None = None
+    validation: dict[str, Any] | None = None
+
+    @property
+    def losses(self) -> list[tuple[int, float]]:
+        return [(m["step"], m["loss"]) for m in self.metrics if "loss" in m]
+
+    @property
+    def eval_losses(self) -> list[tuple[int, float]]:
+        return [(m["step"], m["eval_loss"]) for m in self.metrics if "eval_loss" in m]
+
+    @property
+    def task_scores(self) -> dict[Any, float | None]:
+        return {row["task_id"]: row["score"] for row in (self.scores or {}).get("per_task", [])}
+
+    def answer_lengths(self) -> dict[str, float]:
+        lengths = [len(p["output"]) for p in self.predictions.values()]
+        if not lengths:
+            return {}
+        return {"n": len(lengths), "mean": statistics.fmean(lengths), "median": statistics.median(lengths),
+                "min": min(lengths), "max": max(lengths), "empty": sum(1 for n in lengths if n == 0)}
+
+    def setting(self, dotted: str) -> Any:
+        node: Any = self.config
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def load_run(root: Path) -> RunRecord:
+    config = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8")) if (root / "config.yaml").exists() else {}
+    return RunRecord(
+        name=(config or {}).get("name") or root.name, root=root, config=config or {},
+        data_summary=read_json(root / "data" / "summary.json") or {},
+        metrics=read_jsonl(root / "metrics.jsonl"),
+        predictions={p["task_id"]: p for p in read_jsonl(root / "predictions.jsonl") if "task_id" in p},
+        scores=read_json(root / "scores.json"), nll=read_json(root / "nll.json"),
+        validation=read_json(root / "validation.json"))
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def config_differences(runs: list[RunRecord]) -> dict[str, list[Any]]:
+    """Settings whose values differ between runs (all settings for a single run)."""
+    flat = [flatten(r.config) for r in runs]
+    keys = sorted(set().union(*flat)) if flat else []
+    if len(runs) == 1:
+        return {k: [flat[0].get(k)] for k in keys}
+    return {k: [f.get(k) for f in flat] for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1}
+
+
+def wins_and_losses(a: RunRecord, b: RunRecord, top: int = 5) -> tuple[list, list]:
+    """Tasks where run b scored most above / below run a: (task_id, score a, score b, delta)."""
+    sa, sb = a.task_scores, b.task_scores
+    deltas = [(t, sa[t], sb[t], sb[t] - sa[t]) for t in sa if t in sb and sa[t] is not None and sb[t] is not None]
+    deltas.sort(key=lambda d: d[3])
+    wins = [d for d in reversed(deltas) if d[3] > 0][:top]
+    losses = [d for d in deltas if d[3] < 0][:top]
+    return wins, losses
