@@ -51,7 +51,7 @@ def build_random_13b(path: Path) -> None:
     print(f"built random 13B at {path} in {time.time() - start:.0f}s", flush=True)
 
 
-def run_case(name: str, steps: int, seq: int, out: Path) -> dict:
+def run_case(name: str, steps: int, seq: int, out: Path, extra: list[str] = ()) -> dict:
     model, method = name.split("-")
     overrides = [f"train.method={method}", f"train.max_steps={steps}", "train.logging_steps=1",
                  "train.save_steps=100000", f"data.max_seq_length={seq}", "train.per_device_train_batch_size=2",
@@ -62,8 +62,9 @@ def run_case(name: str, steps: int, seq: int, out: Path) -> dict:
     if model == "llmjp13b":
         build_random_13b(Path("/tmp/llmjp13b"))
         overrides += ["model.name_or_path=/tmp/llmjp13b", "model.tokenizer=embedded:gemma-3-270m"]
-    config = load_config("configs/llm-jp-3-13b-qlora.yaml", overrides)
-    run = RunDir(out / f"{name}-{seq}")
+    config = load_config("configs/llm-jp-3-13b-qlora.yaml", overrides + list(extra))
+    label = name + "".join(f"+{e.split('.')[-1]}" for e in extra)
+    run = RunDir(out / f"{label}-{seq}")
     if model == "llmjp13b":  # fold ids into the 13B vocabulary; prepare() then reuses these rows
         tokenizer = load_tokenizer(config.model)
         prepare(config, run, tokenizer, config.model.tokenizer or config.model.name_or_path)
@@ -80,7 +81,7 @@ def run_case(name: str, steps: int, seq: int, out: Path) -> dict:
     wall = time.time() - start
     metrics = [json.loads(line) for line in run.metrics.read_text().splitlines()]
     steady = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m][2:]
-    return {"case": name, "seq": seq, "steps": steps, "tokens_per_s": statistics.median(steady),
+    return {"case": label, "seq": seq, "steps": steps, "tokens_per_s": statistics.median(steady),
             "peak_gib": max(m.get("peak_memory_gib", 0) for m in metrics), "loss_first": metrics[0]["loss"],
             "loss_last": metrics[-1]["loss"], "wall_s": wall}
 
@@ -91,15 +92,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--out", default="/tmp/bench-runs")
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="extra config overrides")
     args = parser.parse_args()
     results = []
     for name in args.cases.split(","):
-        results.append(run_case(name, args.steps, args.seq, Path(args.out)))
+        results.append(run_case(name, args.steps, args.seq, Path(args.out), args.extra))
         print(json.dumps(results[-1]), flush=True)
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"{'case':<16}{'seq':>5}{'steps':>6}{'tok/s':>10}{'peak GiB':>10}{'loss 1st→last':>18}{'wall s':>8}")
+    print(f"{'case':<28}{'seq':>5}{'steps':>6}{'tok/s':>10}{'peak GiB':>10}{'loss 1st→last':>18}{'wall s':>8}")
     for r in results:
-        print(f"{r['case']:<16}{r['seq']:>5}{r['steps']:>6}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.1f}"
+        print(f"{r['case']:<28}{r['seq']:>5}{r['steps']:>6}{r['tokens_per_s']:>10.0f}{r['peak_gib']:>10.1f}"
               f"{r['loss_first']:>9.3f}→{r['loss_last']:<8.3f}{r['wall_s']:>8.0f}")
 
 
