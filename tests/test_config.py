@@ -60,3 +60,12 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(write(tmp_path, "train: [unclosed\n"))
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_missing_local_model_path_is_named():
+    from tunebench.errors import ModelError
+    from tunebench.models.tokenizer import resolve_model_path
+
+    with pytest.raises(ModelError, match=r"\./nope: no such model folder or run directory"):
+        resolve_model_path("./nope")
+    assert resolve_model_path("llm-jp/llm-jp-3-13b") == "llm-jp/llm-jp-3-13b"  # hub ids pass through

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tunebench.config import ModelConfig
 from tunebench.errors import ModelError
 from tunebench.models.embedded import EMBEDDED_NAME, embedded_checkpoint
@@ -13,6 +15,10 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(embedded_checkpoint())
     if name_or_path.startswith("embedded:"):
         raise ModelError(f"unknown embedded model '{name_or_path}' (have: {EMBEDDED_NAME})")
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise ModelError(f"{name_or_path}: no such model folder or run directory "
+                         "(a hub model is named like 'llm-jp/llm-jp-3-13b')")
     return name_or_path
 
 
