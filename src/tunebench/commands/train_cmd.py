@@ -20,6 +20,9 @@ def register(sub) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     train.add_argument("--allow-contamination", action="store_true",
                        help="train even if records overlap evaluation inputs (not recommended)")
+    train.add_argument("--gpus", type=int, default=1,
+                       help="data-parallel processes through `accelerate launch` (one per GPU; gloo on CPU). "
+                            "Each step then takes per_device_train_batch_size × gradient_accumulation_steps × N rows")
     train.set_defaults(func=run_train)
 
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its (unquantised) base model",
@@ -42,6 +45,15 @@ def register(sub) -> None:
 
 
 def run_train(args) -> int:
+    import os
+
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        from tunebench.train.distributed import launch
+
+        argv = [args.config] + [f"--set={o}" for o in args.overrides]
+        argv += [f"--run-dir={args.run_dir}"] if args.run_dir else []
+        argv += ["--resume"] * args.resume + ["--allow-contamination"] * args.allow_contamination
+        return launch(args.gpus, argv)
     from tunebench.runs import RunDir
     from tunebench.train.sft import train
 

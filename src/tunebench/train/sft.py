@@ -36,6 +36,7 @@ from tunebench.models.load import compute_dtype, load_base_model, pick_device
 from tunebench.models.tokenizer import load_tokenizer
 from tunebench.runs import RunDir, append_jsonl, write_json_atomic
 from tunebench.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunebench.train.distributed import Dist
 from tunebench.train.fingerprint import code_fingerprint
 from tunebench.train.methods import count_parameters, make_trainable
 from tunebench.train.tracking import Trackers
@@ -60,12 +61,12 @@ def micro_batch_order(n_rows: int, batch_size: int, seed: int, count: int) -> li
     return batches[:count]
 
 
-def total_steps(config: Config, n_rows: int) -> int:
+def total_steps(config: Config, n_rows: int, world: int = 1) -> int:
     t = config.train
     if t.max_steps is not None:
         return t.max_steps
     micro_per_epoch = math.ceil(n_rows / t.per_device_train_batch_size)
-    return max(1, math.ceil(t.num_train_epochs * micro_per_epoch / t.gradient_accumulation_steps))
+    return max(1, math.ceil(t.num_train_epochs * micro_per_epoch / (t.gradient_accumulation_steps * world)))
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -98,14 +99,18 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
         raise ConfigError("data.packing cannot be combined with prefix or prompt tuning "
                           "(virtual tokens would be shared across packed examples)")
     set_seed(t.seed)
-    run.save_config(config)
-    device = pick_device()
+    dist = Dist(cpu=not torch.cuda.is_available())  # one process unless run under accelerate launch
+    device = dist.device or pick_device()
     dtype = compute_dtype(t.precision, device)
 
-    # data
+    # data (rank 0 prepares; the others then find it done)
     tokenizer = load_tokenizer(config.model)
-    summary = prepare(config, run, tokenizer, config.model.tokenizer or config.model.name_or_path,
-                      allow_contamination=allow_contamination)
+    tokenizer_name = config.model.tokenizer or config.model.name_or_path
+    if dist.is_main:
+        run.save_config(config)
+        prepare(config, run, tokenizer, tokenizer_name, allow_contamination=allow_contamination)
+    dist.barrier()
+    summary = prepare(config, run, tokenizer, tokenizer_name, allow_contamination=allow_contamination)
     rows = read_rows(run.data_dir / "train.jsonl")
     eval_rows = read_rows(run.data_dir / "eval.jsonl")
     if not rows:
@@ -114,14 +119,15 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
     # model
     model = load_base_model(config.model, dtype if t.method != "full" else torch.float32,
                             quantize_4bit=t.method == "qlora", device=device)
-    model = make_trainable(model, t)
+    model = dist.wrap(make_trainable(model, t))
     model.train()
     trainable, total = count_parameters(model)
     log.info("%s: %s trainable of %s parameters (%.2f%%) on %s, %s", t.method, f"{trainable:,}", f"{total:,}",
              100 * trainable / total, device, dtype)
 
     # optimisation
-    steps = total_steps(config, len(rows))
+    world = dist.world
+    steps = total_steps(config, len(rows), world)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -136,32 +142,43 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
     start = 0
     checkpoint = latest_checkpoint(run.checkpoints)
     if resume and checkpoint is not None:
-        start = load_checkpoint(checkpoint, model, optimizer, scheduler)["step"]
+        start = load_checkpoint(checkpoint, dist.unwrap(model), optimizer, scheduler)["step"]
         log.info("resuming from %s (step %d of %d)", checkpoint, start, steps)
     elif resume:
         log.info("no complete checkpoint in %s: starting from step 0", run.checkpoints)
     elif checkpoint is not None:
         raise ConfigError(f"{run.root} already has checkpoints: pass --resume to continue, "
                           "or choose another --run-dir")
-    if start == 0 and run.metrics.exists():
-        run.metrics.unlink()
+    if run.metrics.exists() and dist.is_main:
+        # Steps logged after the checkpoint we resume from will be trained (and logged) again.
+        kept = [line for line in run.metrics.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= start]
+        run.metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     accum = t.gradient_accumulation_steps
-    order = micro_batch_order(len(rows), t.per_device_train_batch_size, t.seed, steps * accum)
+    # Micro-batch k of the run is the same whatever the number of processes: with a global batch of
+    # accum × world micro-batches per step, rank r takes every world-th one, so a checkpoint
+    # resumes on another number of GPUs when accum × world is unchanged.
+    per_step = accum * world
+    order = micro_batch_order(len(rows), t.per_device_train_batch_size, t.seed, steps * per_step)
     pad_id = tokenizer.pad_token_id
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dtype == torch.bfloat16
                 else contextlib.nullcontext)
     trackers = Trackers(t.report_to, run.root, asdict(config))
     window = {"loss_sum": 0.0, "tokens": 0, "answer_tokens": 0, "steps": 0, "time": time.perf_counter()}
-    bar = tqdm(total=steps, initial=start, desc=f"train {t.method}", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, desc=f"train {t.method}", unit="step", dynamic_ncols=True,
+               disable=not dist.is_main)
     for step in range(start, steps):
-        micro = [pad_batch([rows[i] for i in idx], pad_id) for idx in order[step * accum : (step + 1) * accum]]
-        n_answer = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-        for batch in micro:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast():
+        step_batches = order[step * per_step : (step + 1) * per_step]
+        # Normalise by the answer tokens of the whole global batch, which every rank can count.
+        n_answer = sum(answer_tokens(rows[i]) for idx in step_batches for i in idx)
+        micro = [pad_batch([rows[i] for i in idx], pad_id) for idx in step_batches[dist.rank :: world]]
+        for k, batch in enumerate(micro):
+            batch = {key: v.to(device) for key, v in batch.items()}
+            with dist.no_sync(model, last=k == len(micro) - 1), autocast():
                 loss_sum = token_loss_sum(model, batch)
-            (loss_sum / max(n_answer, 1)).backward()
+                # DDP averages gradients over ranks; × world turns that into the global sum.
+                (loss_sum * world / max(n_answer, 1)).backward()
             window["loss_sum"] += loss_sum.item()
             window["tokens"] += int((batch["labels"] != IGNORE).sum() if "position_ids" in batch
                                     else batch["attention_mask"].sum())
@@ -174,31 +191,44 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
         done = step + 1
         if done % t.logging_steps == 0 or done == steps:
             elapsed = time.perf_counter() - window["time"]
-            record = {"step": done, "loss": window["loss_sum"] / max(window["answer_tokens"], 1),
+            record = {"step": done, "loss": dist.sum(window["loss_sum"]) / max(window["answer_tokens"], 1),
                       "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "tokens_per_s": window["tokens"] / elapsed if elapsed else 0.0,
-                      "epoch": done * accum * t.per_device_train_batch_size / len(rows)}
+                      "tokens_per_s": dist.sum(window["tokens"]) / elapsed if elapsed else 0.0,
+                      "epoch": done * per_step * t.per_device_train_batch_size / len(rows)}
             if device.type == "cuda":
                 record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if t.eval_steps is None and eval_rows and done == steps:
-                record["eval_loss"] = evaluate(model, eval_rows, t.per_device_train_batch_size, pad_id, device,
-                                               autocast)
-            append_jsonl(run.metrics, record)
-            trackers.log(record, done)
+            if t.eval_steps is None and eval_rows and done == steps and dist.is_main:
+                record["eval_loss"] = evaluate(dist.unwrap(model), eval_rows, t.per_device_train_batch_size,
+                                               pad_id, device, autocast)
+            if dist.is_main:
+                append_jsonl(run.metrics, record)
+                trackers.log(record, done)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
             window = {"loss_sum": 0.0, "tokens": 0, "answer_tokens": 0, "steps": 0, "time": time.perf_counter()}
-        if t.eval_steps and eval_rows and (done % t.eval_steps == 0 or done == steps):
-            eval_loss = evaluate(model, eval_rows, t.per_device_train_batch_size, pad_id, device, autocast)
+        if t.eval_steps and eval_rows and (done % t.eval_steps == 0 or done == steps) and dist.is_main:
+            eval_loss = evaluate(dist.unwrap(model), eval_rows, t.per_device_train_batch_size, pad_id, device,
+                                 autocast)
             append_jsonl(run.metrics, {"step": done, "eval_loss": eval_loss})
             trackers.log({"eval_loss": eval_loss}, done)
         if done % t.save_steps == 0 and done < steps:
-            save_checkpoint(run.checkpoints, done, model, optimizer, scheduler, {"steps": steps},
-                            t.save_total_limit)
+            if dist.is_main:
+                save_checkpoint(run.checkpoints, done, dist.unwrap(model), optimizer, scheduler,
+                                {"steps": steps, "micro_batches_per_step": per_step}, t.save_total_limit)
+            dist.barrier()
         bar.update(1)
     bar.close()
     trackers.close()
-    return save_final(model, tokenizer, config, run, summary.fingerprint, steps)
+    target = run.full_model if t.method == "full" else run.adapter
+    if dist.is_main:
+        target = save_final(dist.unwrap(model), tokenizer, config, run, summary.fingerprint, steps)
+    dist.barrier()
+    return target
+
+
+def answer_tokens(row: dict) -> int:
+    """Labelled positions the loss sees (the first label is never predicted)."""
+    return sum(1 for label in row["labels"][1:] if label != IGNORE)
 
 
 def save_final(model, tokenizer, config: Config, run: RunDir, data_fingerprint: str, steps: int) -> Path:
