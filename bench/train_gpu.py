@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,6 +30,8 @@ from tunebench.models.tokenizer import load_tokenizer  # noqa: E402
 from tunebench.runs import RunDir  # noqa: E402
 from tunebench.train.sft import train  # noqa: E402
 
+# The tokenizer the 13B case borrows (a folder with tokenizer files works where the model is absent).
+TOKENIZER = os.environ.get("BENCH_TOKENIZER", "embedded:gemma-3-270m")
 LLMJP_13B = dict(vocab_size=99487, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
                  num_key_value_heads=40, intermediate_size=13824, max_position_embeddings=4096,
                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -61,7 +64,7 @@ def run_case(name: str, steps: int, seq: int, out: Path, extra: list[str] = ()) 
         overrides += ["model.name_or_path=embedded:gemma-3-270m"]
     if model == "llmjp13b":
         build_random_13b(Path("/tmp/llmjp13b"))
-        overrides += ["model.name_or_path=/tmp/llmjp13b", "model.tokenizer=embedded:gemma-3-270m"]
+        overrides += ["model.name_or_path=/tmp/llmjp13b", f"model.tokenizer={TOKENIZER}"]
     config = load_config("configs/llm-jp-3-13b-qlora.yaml", overrides + list(extra))
     label = name + "".join(f"+{e.split('.')[-1]}" for e in extra)
     run = RunDir(out / f"{label}-{seq}")

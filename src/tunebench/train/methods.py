@@ -29,8 +29,8 @@ def make_trainable(model, train: TrainConfig):
     """Attach the method's adapters (or unfreeze everything for full) and set up checkpointing."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if train.method == "qlora":
-        # Casts norms to fp32 and enables input grads, the standard recipe for k-bit training.
+    if train.method == "qlora" and train.kbit_upcast:
+        # peft's recipe: casts every non-quantised weight (embeddings and lm_head too) to fp32.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -175,9 +175,11 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
         micro = [pad_batch([rows[i] for i in idx], pad_id) for idx in step_batches[dist.rank :: world]]
         for k, batch in enumerate(micro):
             batch = {key: v.to(device) for key, v in batch.items()}
-            with dist.no_sync(model, last=k == len(micro) - 1), autocast():
-                loss_sum = token_loss_sum(model, batch)
-                # DDP averages gradients over ranks; × world turns that into the global sum.
+            with dist.no_sync(model, last=k == len(micro) - 1):
+                with autocast():
+                    loss_sum = token_loss_sum(model, batch)
+                # Backward outside autocast (PyTorch's advice). DDP averages gradients over ranks;
+                # × world turns that average into the global sum.
                 (loss_sum * world / max(n_answer, 1)).backward()
             window["loss_sum"] += loss_sum.item()
             window["tokens"] += int((batch["labels"] != IGNORE).sum() if "position_ids" in batch
