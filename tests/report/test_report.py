@@ -26,6 +26,10 @@ def make_run(root, name, lr, scores, losses, outputs):
         "unscored": len(scores) - len(valid), "per_task": per_task}), encoding="utf-8")
     (root / "nll.json").write_text(json.dumps({"nll": 2.5 - lr * 1000}), encoding="utf-8")
     (root / "validation.json").write_text(json.dumps({"ok": True, "tasks": len(outputs), "issues": []}))
+    (root / "data").mkdir()
+    (root / "data" / "summary.json").write_text(json.dumps({"read": 10, "kept": 8, "truncated": 1,
+                                                            "dropped": {"duplicate": 2}, "train_tokens": 900,
+                                                            "answer_tokens": 400}))
     return root
 
 
@@ -49,6 +53,7 @@ def test_report_html_and_markdown(two_runs, tmp_path):
     html = (out / "report.html").read_text(encoding="utf-8")
     assert 'id="score-table"' in html and html.count('class="series"') == 2 and "<svg" in html
     assert "3.000 [1.50, 4.00]" in html and "答え&lt;b&gt;" in html  # answers are escaped
+    assert "<td>8</td><td>1</td><td>2 duplicate</td>" in html  # data summary: kept, truncated, dropped
     assert 'id="wins-table"' in html and 'id="losses-table"' in html and "train.learning_rate" in html
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "| try1 | m | lora | 2.200 | 3.000 [1.50, 4.00] | 3/1 |" in md

@@ -8,7 +8,7 @@ with an attention mask, so greedy batched outputs equal one-at-a-time outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
@@ -115,7 +115,7 @@ class Generator:
         return answers
 
     def generate(self, items: list[list[dict[str, str]]], on_answer: Callable[[Answer], None] | None = None,
-                 progress: Iterable | None = None) -> list[Answer]:
+                 progress=None) -> list[Answer]:
         """Answer conversations in batches of config.batch_size, longest first; results in input order.
         `on_answer` is called as each batch finishes (for resumable writing)."""
         encoded = [self.encode(m) for m in items]

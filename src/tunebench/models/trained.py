@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 
 from tunebench.config import ModelConfig
-from tunebench.errors import ModelError
 from tunebench.models.load import load_base_model, pick_device
-from tunebench.models.tokenizer import load_tokenizer, resolve_model_path
+from tunebench.models.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -52,9 +51,3 @@ def load_for_inference(target: str, dtype: torch.dtype | None = None, model_conf
         model = load_base_model(ModelConfig(name_or_path=str(trained)), dtype, device=device)
     return LoadedModel(model.eval(), tokenizer, meta.get("template"), str(trained))
 
-
-def base_model_path(meta: dict) -> str:
-    try:
-        return resolve_model_path(meta["base_model"])
-    except KeyError:
-        raise ModelError("tunebench.json has no base_model") from None

@@ -79,6 +79,14 @@ def render_html(runs: list[RunRecord]) -> str:
                                                       [[k] + [json.dumps(v, ensure_ascii=False) for v in vals]
                                                        for k, vals in diffs.items()], "config-table")
                                           if diffs else "<p>identical configs</p>"))
+    parts.append("<h2>Training data</h2>")
+    parts.append(html_table(["run", "records read", "kept", "truncated", "dropped (why)", "train tokens",
+                             "tokens with loss"],
+                            [[r.name, fmt(r.data_summary.get("read")), fmt(r.data_summary.get("kept")),
+                              fmt(r.data_summary.get("truncated")),
+                              ", ".join(f"{n} {k}" for k, n in sorted(r.data_summary.get("dropped", {}).items())) or "none",
+                              fmt(r.data_summary.get("train_tokens")), fmt(r.data_summary.get("answer_tokens"))]
+                             for r in runs], "data-table"))
     parts.append("<h2>Answer lengths (characters)</h2>")
     stats = ["n", "mean", "median", "min", "max", "empty"]
     parts.append(html_table(["run"] + stats, [[r.name] + [fmt(r.answer_lengths().get(k), 1) for k in stats]

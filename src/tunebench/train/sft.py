@@ -253,6 +253,3 @@ def save_final(model, tokenizer, config: Config, run: RunDir, data_fingerprint: 
     log.info("saved %s", target)
     return target
 
-
-def read_run_meta(folder: Path) -> dict:
-    return json.loads((folder / "tunebench.json").read_text(encoding="utf-8"))
