@@ -69,3 +69,16 @@ def test_missing_local_model_path_is_named():
     with pytest.raises(ModelError, match=r"\./nope: no such model folder or run directory"):
         resolve_model_path("./nope")
     assert resolve_model_path("llm-jp/llm-jp-3-13b") == "llm-jp/llm-jp-3-13b"  # hub ids pass through
+
+
+def test_readme_lists_every_config_key():
+    import dataclasses
+    from pathlib import Path
+
+    from tunebench import config as c
+
+    readme = Path("README.md").read_text(encoding="utf-8")
+    for section, cls in [("model", c.ModelConfig), ("data", c.DataConfig), ("data.sources[]", c.SourceConfig),
+                         ("train", c.TrainConfig), ("generate", c.GenerateConfig), ("judge", c.JudgeConfig)]:
+        for field in dataclasses.fields(cls):
+            assert f"`{section}.{field.name}`" in readme, f"{section}.{field.name} missing from README"

@@ -26,7 +26,6 @@ class ModelConfig:
     revision: str | None = None
     tokenizer: str | None = None  # defaults to name_or_path
     trust_remote_code: bool = False
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: str = "sdpa"
 
 
