@@ -91,15 +91,13 @@ def run_pipeline(config: Config, run: RunDir, allow_contamination: bool = False)
 
 
 def write_validation(run: RunDir, config: Config) -> str:
-    from tunebench.generate.validate import validate_predictions
+    from tunebench.generate.validate import validate_and_record
     from tunebench.tasksets import load_tasks
 
     tasks = load_tasks(config.generate.tasks)
     if config.generate.limit is not None:
         tasks = tasks[: config.generate.limit]
-    issues = validate_predictions(run.predictions, tasks)
-    write_json_atomic(run.root / "validation.json", {"ok": not issues, "tasks": len(tasks),
-                                                     "issues": [str(i) for i in issues]})
+    issues = validate_and_record(run.predictions, tasks)
     return "ok" if not issues else f"{len(issues)} problem(s)"
 
 

@@ -143,3 +143,11 @@ def test_new_tokens_stop_at_padding_of_finished_rows(tiny):
     generator.model = Padded(tiny.model)
     a, b = generator.generate_batch([[2, 5, 6], [2, 7]])
     assert (a.new_tokens, a.stopped) == (2, True) and (b.new_tokens, b.stopped) == (5, False)
+
+
+def test_generate_records_validation_beside_predictions(tmp_path, tiny_model_dir, tasks_file):
+    out = tmp_path / "predictions.jsonl"
+    generate_answers(str(tiny_model_dir), str(tasks_file), out, GenerateConfig(max_new_tokens=3, **LIVELY),
+                     template="course")
+    record = json.loads((tmp_path / "validation.json").read_text())
+    assert record == {"file": "predictions.jsonl", "ok": True, "tasks": 6, "issues": []}

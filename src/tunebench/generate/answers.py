@@ -17,7 +17,7 @@ from tqdm import tqdm
 from tunebench.config import GenerateConfig, ModelConfig
 from tunebench.errors import ConfigError
 from tunebench.generate.engine import Generator
-from tunebench.generate.validate import validate_predictions
+from tunebench.generate.validate import validate_and_record
 from tunebench.runs import append_jsonl
 from tunebench.tasksets import load_tasks
 
@@ -92,7 +92,7 @@ def generate_answers(target: str, tasks_name: str, out: Path, config: GenerateCo
             handle.write(json.dumps(done[task.task_id], ensure_ascii=False) + "\n")
     tmp.replace(out)
     partial.unlink(missing_ok=True)
-    problems = validate_predictions(out, tasks)
+    problems = validate_and_record(out, tasks)
     for problem in problems:
         log.error("%s", problem)
     if problems:

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunebench.runs import write_json_atomic
 from tunebench.tasksets import Task
 
 
@@ -69,4 +70,12 @@ def validate_predictions(path: Path, tasks: list[Task]) -> list[Issue]:
     for task in tasks:
         if task.task_id not in seen:
             issues.append(Issue(None, task.task_id, "no answer for this task"))
+    return issues
+
+
+def validate_and_record(path: Path, tasks: list[Task]) -> list[Issue]:
+    """Validate and write the result beside the predictions (validation.json, which reports show)."""
+    issues = validate_predictions(path, tasks)
+    write_json_atomic(path.parent / "validation.json",
+                      {"file": path.name, "ok": not issues, "tasks": len(tasks), "issues": [str(i) for i in issues]})
     return issues
