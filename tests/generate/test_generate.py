@@ -151,3 +151,11 @@ def test_generate_records_validation_beside_predictions(tmp_path, tiny_model_dir
                      template="course")
     record = json.loads((tmp_path / "validation.json").read_text())
     assert record == {"file": "predictions.jsonl", "ok": True, "tasks": 6, "issues": []}
+
+
+def test_defaults_guard_against_repetition_loops(tiny):
+    """The course's repetition_penalty 1.2 and the template's stop strings reach model.generate."""
+    kwargs = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig()).generation_kwargs()
+    assert kwargs["repetition_penalty"] == 1.2 and kwargs["max_new_tokens"] == 512
+    assert kwargs["stop_strings"] == ["### 指示", "### 回答"] and kwargs["eos_token_id"] == [tiny.tokenizer.eos_token_id]
+    assert kwargs["do_sample"] is False and kwargs["temperature"] is None

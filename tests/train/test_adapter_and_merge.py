@@ -74,3 +74,18 @@ def test_push_dry_run_writes_card_and_never_the_token(lora_run, tmp_path, monkey
     for path in out.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_merge_never_loads_a_4bit_base(lora_run, tmp_path, monkeypatch):
+    import tunebench.models.trained as trained
+
+    calls = []
+    real = trained.load_base_model
+
+    def recording(config, dtype, quantize_4bit=False, device=None):
+        calls.append((quantize_4bit, dtype))
+        return real(config, dtype, quantize_4bit=quantize_4bit, device=device)
+
+    monkeypatch.setattr(trained, "load_base_model", recording)
+    merge(lora_run.root, tmp_path / "merged")
+    assert calls == [(False, torch.float32)]  # CPU: fp32 (bf16 on a GPU), never NF4
