@@ -81,6 +81,9 @@ class TrainConfig:
     # qlora: upcast non-quantised weights to fp32 (peft's prepare_model_for_kbit_training). Off keeps
     # them bf16: for llm-jp-3-13b the embedding and lm_head alone are 2 GB more in fp32.
     kbit_upcast: bool = True
+    # Compute vocabulary logits only where a label is predicted (skips prompt positions; a lever of
+    # issue 7, equal loss and gradients by test, speed not yet measured).
+    answer_only_logits: bool = False
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the GPU has it
     seed: int = 42
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)

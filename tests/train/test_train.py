@@ -142,3 +142,41 @@ def test_contaminated_data_is_refused_by_train(tmp_path, tiny_model_dir):
 
     with pytest.raises(DataError, match="overlap evaluation data"):
         train(config, RunDir(tmp_path / "r"))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_answer_only_logits_equal_loss_and_gradients(tiny_model_dir, method, tokenizer):
+    """The lever computes the same loss and the same gradients as the full-logits path."""
+    from transformers import AutoModelForCausalLM
+
+    from tunebench.config import TrainConfig
+    from tunebench.data.batches import pad_batch
+    from tunebench.data.templates import render_segments
+    from tunebench.data.tokens import encode_segments
+    from tunebench.train.methods import make_trainable
+    from tunebench.train.sft import token_loss_sum
+
+    rows = []
+    for q, a in [("日本の首都は？", "東京です。"), ("春の季語を三つ挙げて", "桜、菜の花、蛙")]:
+        enc = encode_segments(render_segments([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                              "course"), tokenizer)
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    batch = pad_batch(rows, tokenizer.pad_token_id)
+    results = []
+    for answer_only in (False, True):
+        torch.manual_seed(0)
+        model = make_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               TrainConfig(method=method, lora_dropout=0.0, gradient_checkpointing=False))
+        if method == "lora":  # B starts at zero; move it so A's gradients are not all zero
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(param, std=0.02)
+        loss = token_loss_sum(model, batch, answer_only_logits=answer_only)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-4)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)

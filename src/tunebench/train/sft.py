@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -69,11 +70,25 @@ def total_steps(config: Config, n_rows: int, world: int = 1) -> int:
     return max(1, math.ceil(t.num_train_epochs * micro_per_epoch / (t.gradient_accumulation_steps * world)))
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over labelled positions."""
+def token_loss_sum(model, batch: dict[str, torch.Tensor], answer_only_logits: bool = False) -> torch.Tensor:
+    """Sum of next-token cross-entropy over labelled positions.
+
+    answer_only_logits: run the decoder, then the output layer only on the hidden states that
+    predict a labelled token (N of B×T), so prompt positions never get vocabulary-wide logits.
+    """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits
     labels = batch["labels"]
+    if answer_only_logits:
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = causal.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        logits = causal.get_output_embeddings()(hidden[:, :-1][keep])  # (N, vocab)
+        cap = getattr(causal.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    logits = model(**inputs, use_cache=False).logits
     logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens to the logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=IGNORE, reduction="sum")
@@ -95,6 +110,9 @@ def evaluate(model, rows: list[dict], batch_size: int, pad_id: int, device, auto
 def train(config: Config, run: RunDir, resume: bool = False, allow_contamination: bool = False) -> Path:
     """Fine-tune and return the folder holding the final adapter (or full model)."""
     t = config.train
+    if t.answer_only_logits and (t.method in ("prefix", "prompt") or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise ConfigError("train.answer_only_logits works with lora, qlora and full on one process "
+                          "(it calls the decoder directly, past peft's virtual tokens and DDP's hooks)")
     if config.data.packing and t.method in ("prefix", "prompt"):
         raise ConfigError("data.packing cannot be combined with prefix or prompt tuning "
                           "(virtual tokens would be shared across packed examples)")
@@ -177,7 +195,7 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
             batch = {key: v.to(device) for key, v in batch.items()}
             with dist.no_sync(model, last=k == len(micro) - 1):
                 with autocast():
-                    loss_sum = token_loss_sum(model, batch)
+                    loss_sum = token_loss_sum(model, batch, t.answer_only_logits)
                 # Backward outside autocast (PyTorch's advice). DDP averages gradients over ranks;
                 # × world turns that average into the global sum.
                 (loss_sum * world / max(n_answer, 1)).backward()
