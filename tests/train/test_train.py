@@ -153,8 +153,8 @@ def test_answer_only_logits_equal_loss_and_gradients(tiny_model_dir, method, tok
     from tunebench.data.batches import pad_batch
     from tunebench.data.templates import render_segments
     from tunebench.data.tokens import encode_segments
+    from tunebench.train.loss import token_loss_sum
     from tunebench.train.methods import make_trainable
-    from tunebench.train.sft import token_loss_sum
 
     rows = []
     for q, a in [("日本の首都は？", "東京です。"), ("春の季語を三つ挙げて", "桜、菜の花、蛙")]:

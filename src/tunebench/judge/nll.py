@@ -6,17 +6,13 @@ with the run's own template and masked exactly as in training, scored by the mod
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
-from tunebench.data.batches import pad_batch
 from tunebench.data.templates import render_segments
-from tunebench.data.tokens import IGNORE, encode_segments
+from tunebench.data.tokens import encode_segments
 from tunebench.errors import DataError
 from tunebench.tasksets import load_tasks
+from tunebench.train.loss import loss_totals
 
 
-@torch.no_grad()
 def reference_nll(model, tokenizer, template: str, tasks_name: str = "elyza-tasks-100", batch_size: int = 4,
                   max_length: int = 2048) -> dict:
     tasks = [t for t in load_tasks(tasks_name) if t.reference]
@@ -27,14 +23,5 @@ def reference_nll(model, tokenizer, template: str, tasks_name: str = "elyza-task
         messages = [{"role": "user", "content": task.input}, {"role": "assistant", "content": task.reference}]
         enc = encode_segments(render_segments(messages, template, tokenizer), tokenizer)
         rows.append({"input_ids": enc.input_ids[:max_length], "labels": enc.labels[:max_length]})
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(rows[i : i + batch_size], tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"]
-        logits = logits[:, -labels.shape[1]:]
-        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                 ignore_index=IGNORE, reduction="sum").item()
-        count += int((labels[:, 1:] != IGNORE).sum())
+    total, count = loss_totals(model, rows, batch_size, tokenizer.pad_token_id, next(model.parameters()).device)
     return {"tasks": tasks_name, "n_tasks": len(rows), "tokens": count, "nll": total / count}

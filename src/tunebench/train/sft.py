@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from tunebench import __version__
@@ -39,6 +38,7 @@ from tunebench.runs import RunDir, append_jsonl, write_json_atomic
 from tunebench.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunebench.train.distributed import Dist
 from tunebench.train.fingerprint import code_fingerprint
+from tunebench.train.loss import answer_tokens, evaluate, token_loss_sum
 from tunebench.train.methods import count_parameters, make_trainable
 from tunebench.train.tracking import Trackers
 
@@ -68,43 +68,6 @@ def total_steps(config: Config, n_rows: int, world: int = 1) -> int:
         return t.max_steps
     micro_per_epoch = math.ceil(n_rows / t.per_device_train_batch_size)
     return max(1, math.ceil(t.num_train_epochs * micro_per_epoch / (t.gradient_accumulation_steps * world)))
-
-
-def token_loss_sum(model, batch: dict[str, torch.Tensor], answer_only_logits: bool = False) -> torch.Tensor:
-    """Sum of next-token cross-entropy over labelled positions.
-
-    answer_only_logits: run the decoder, then the output layer only on the hidden states that
-    predict a labelled token (N of B×T), so prompt positions never get vocabulary-wide logits.
-    """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    labels = batch["labels"]
-    if answer_only_logits:
-        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = causal.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        logits = causal.get_output_embeddings()(hidden[:, :-1][keep])  # (N, vocab)
-        cap = getattr(causal.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    logits = model(**inputs, use_cache=False).logits
-    logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens to the logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE, reduction="sum")
-
-
-def evaluate(model, rows: list[dict], batch_size: int, pad_id: int, device, autocast) -> float:
-    """Mean per-token loss on held-out rows."""
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad(), autocast():
-        for i in range(0, len(rows), batch_size):
-            batch = {k: v.to(device) for k, v in pad_batch(rows[i : i + batch_size], pad_id).items()}
-            total += token_loss_sum(model, batch).item()
-            count += int((batch["labels"][:, 1:] != IGNORE).sum())
-    model.train()
-    return total / max(count, 1)
 
 
 def train(config: Config, run: RunDir, resume: bool = False, allow_contamination: bool = False) -> Path:
@@ -246,11 +209,6 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
     return target
 
 
-def answer_tokens(row: dict) -> int:
-    """Labelled positions the loss sees (the first label is never predicted)."""
-    return sum(1 for label in row["labels"][1:] if label != IGNORE)
-
-
 def save_final(model, tokenizer, config: Config, run: RunDir, data_fingerprint: str, steps: int) -> Path:
     """Save the adapter in plain peft format (or the full model), atomically, with its metadata."""
     target = run.full_model if config.train.method == "full" else run.adapter
@@ -270,4 +228,3 @@ def save_final(model, tokenizer, config: Config, run: RunDir, data_fingerprint: 
     (target / "config.yaml").write_text(run.config_file.read_text(encoding="utf-8"), encoding="utf-8")
     log.info("saved %s", target)
     return target
-
