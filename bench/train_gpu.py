@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -38,7 +39,12 @@ LLMJP_13B = dict(vocab_size=99487, hidden_size=5120, num_hidden_layers=40, num_a
 
 
 def build_random_13b(path: Path) -> None:
-    """Random llm-jp-3-13b-shaped Llama in bf16, initialised on the GPU, saved once per machine."""
+    """Random llm-jp-3-13b-shaped Llama in bf16, built on the GPU and saved once per machine.
+
+    Every weight is drawn explicitly (seeded normal, std 0.02; norms 1) and checked finite before
+    saving, so the benchmark never depends on how a transformers version initialises a model
+    constructed under a device context.
+    """
     if (path / "config.json").exists():
         return
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -48,6 +54,15 @@ def build_random_13b(path: Path) -> None:
     with torch.device("cuda"):
         model = LlamaForCausalLM(LlamaConfig(**LLMJP_13B))
     torch.set_default_dtype(torch.float32)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, 0.02, generator=generator)
+            else:
+                param.fill_(1.0)
+            if not torch.isfinite(param).all():
+                raise RuntimeError(f"non-finite values in {name}")
     model.save_pretrained(path, safe_serialization=True)
     del model
     torch.cuda.empty_cache()
@@ -83,10 +98,12 @@ def run_case(name: str, steps: int, seq: int, out: Path, extra: list[str] = ()) 
     train(config, run)
     wall = time.time() - start
     metrics = [json.loads(line) for line in run.metrics.read_text().splitlines()]
-    steady = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m][2:]
-    return {"case": label, "seq": seq, "steps": steps, "tokens_per_s": statistics.median(steady),
+    steps_logged = [m for m in metrics if "tokens_per_s" in m]
+    return {"case": label, "seq": seq, "steps": steps,
+            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps_logged[2:]),
             "peak_gib": max(m.get("peak_memory_gib", 0) for m in metrics), "loss_first": metrics[0]["loss"],
-            "loss_last": metrics[-1]["loss"], "wall_s": wall}
+            "loss_last": statistics.mean(m["loss"] for m in steps_logged[-5:]), "wall_s": wall,
+            "grad_norm_finite": all(math.isfinite(m["grad_norm"]) for m in steps_logged)}
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
 """Training throughput and memory: the course sample's stack (TRL SFTTrainer) vs tunebench.
 
-Model: random-initialised llm-jp-3-13b shape (see train_gpu.py), 4-bit NF4 QLoRA, r 16 on all linear
-layers, lr 2e-4, warmup 10, gradient checkpointing, sdpa, bf16. Data: megagon rendered with the
-course template, tokenised once by tunebench's data stage (ids folded into the 13B vocabulary) and
-fed to both sides as the same token ids; the baseline gets them as a pre-tokenised dataset with a
-completion mask, so both compute the loss on answer tokens only and the losses compare.
+Models: (a) random-initialised llm-jp-3-13b shape (see train_gpu.py), 4-bit NF4 QLoRA; (b) the real
+Gemma 3 270M (embedded model), LoRA or QLoRA. r 16 on all linear layers, lr 2e-4, warmup 10,
+gradient checkpointing, sdpa, bf16. Data: megagon rendered with the course template, tokenised once
+by tunebench's data stage (for (a) ids folded into the 13B vocabulary) and fed to both sides as the
+same token ids; the baseline gets them as a pre-tokenised dataset with a completion mask, so both
+compute the loss on answer tokens only and the losses compare.
 
   baseline   TRL SFTTrainer, default collator, no packing, batch 2 × grad-accum 4
   tunebench  `tunebench.train.sft.train` with the given --set overrides
@@ -12,14 +13,19 @@ completion mask, so both compute the loss on answer tokens only and the losses c
 Reported: median real (non-pad) tokens/s over steps after the first two, peak allocated GPU memory,
 loss at the last step, and MFU = 6 × parameters × tokens/s against a bf16 matmul measured in the same call.
 
-    python bench/train_speed.py --variant baseline --steps 20
-    python bench/train_speed.py --variant tunebench --steps 20 [--set data.packing=true ...]
+    python bench/train_speed.py --variant baseline --steps 20 [--model gemma --method lora] [--seq 1024]
+    python bench/train_speed.py --variant tunebench --steps 20 [--set train.step_tokens=null ...]
+    python bench/train_speed.py --table results.jsonl     # all results so far, with ratios
+
+Each run appends one JSON line to --results (peak memory counts from the start of training, after
+the model is loaded, on both sides; "loss_last" is the mean of the last five logged steps).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -48,8 +54,11 @@ def matmul_peak_tflops() -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
-def prepared_rows(seq: int) -> list[dict]:
-    """The tunebench-prepared, vocabulary-folded rows (run a tunebench variant first, or prepare here)."""
+PARAMS = {"llmjp13b": 13.7e9, "gemma": 268e6}  # for MFU: 6 × parameters × tokens/s
+
+
+def prepared_rows(seq: int, fold: bool = True) -> list[dict]:
+    """The tunebench-prepared rows; for the 13B shape with ids folded into its vocabulary."""
     from tunebench.config import load_config
     from tunebench.data.prepare import prepare, read_rows
     from tunebench.models.tokenizer import load_tokenizer
@@ -60,26 +69,27 @@ def prepared_rows(seq: int) -> list[dict]:
         f"model.tokenizer={TOKENIZER}"])
     run = RunDir(Path("/tmp/bench-speed-data"))
     prepare(config, run, load_tokenizer(config.model), "gemma")
-    vocab = LLMJP_13B["vocab_size"]
+    vocab = LLMJP_13B["vocab_size"] if fold else 1 << 62
     return [{"input_ids": [i % vocab for i in r["input_ids"]],
              "completion_mask": [int(label != -100) for label in r["labels"]]} for r in read_rows(run.data_dir / "train.jsonl")]
 
 
-def run_baseline(steps: int, seq: int) -> dict:
+def run_baseline(model_name: str, method: str, steps: int, seq: int) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from tunebench.config import ModelConfig
-    from tunebench.models.tokenizer import load_tokenizer
+    from tunebench.models.tokenizer import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=TOKENIZER))
-    dataset = Dataset.from_list(prepared_rows(seq))
-    model = AutoModelForCausalLM.from_pretrained(
-        MODEL, dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": 0},
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
+    dataset = Dataset.from_list(prepared_rows(seq, fold=model_name == "llmjp13b"))
+    path = MODEL if model_name == "llmjp13b" else resolve_model_path("embedded:gemma-3-270m")
+    quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                       bnb_4bit_compute_dtype=torch.bfloat16) if method == "qlora" else None)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                 device_map={"": 0}, quantization_config=quantization)
     args = SFTConfig(output_dir="/tmp/bench-trl", per_device_train_batch_size=2, gradient_accumulation_steps=4,
                      max_steps=steps, learning_rate=2e-4, warmup_steps=10, logging_steps=1, bf16=True,
                      gradient_checkpointing=True, max_length=seq, packing=False, report_to="none",
@@ -110,35 +120,60 @@ def run_baseline(steps: int, seq: int) -> dict:
     start = time.time()
     trainer.train()
     rates = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(stamps, stamps[1:])][2:]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    # HF Trainer logs a NaN/inf loss as 0.0 (logging_nan_inf_filter); the grad norm still shows it.
     return {"variant": "baseline (TRL SFTTrainer)", "steps": steps, "tokens_per_s": statistics.median(rates),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss_last": losses[-1],
-            "wall_s": time.time() - start}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss_last": statistics.mean(h["loss"] for h in logged[-5:]),
+            "loss_first": logged[0]["loss"], "wall_s": time.time() - start,
+            "grad_norm_finite": all(math.isfinite(h.get("grad_norm", 0.0)) for h in logged)}
+
+
+def print_table(path: Path) -> None:
+    """Every result in the file, with throughput and memory as ratios to the baseline of its case."""
+    results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    base = {(r["model"], r["method"], r["seq"]): r for r in results if r["variant"].startswith("baseline")}
+    print(f"{'model':<9}{'method':<7}{'seq':>5}  {'variant':<42}{'tok/s':>7}{'×':>6}{'GiB':>6}{'×':>6}"
+          f"{'loss 1st→last':>16}{'Δloss':>7}{'MFU':>6}{'finite':>7}")
+    for r in results:
+        b = base.get((r["model"], r["method"], r["seq"]))
+        speed = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}" if b else "-"
+        memory = f"{r['peak_gib'] / b['peak_gib']:.2f}" if b else "-"
+        delta = f"{(r['loss_last'] - b['loss_last']) / b['loss_last']:+.1%}" if b and b["loss_last"] else "-"
+        print(f"{r['model']:<9}{r['method']:<7}{r['seq']:>5}  {r['variant'][:41]:<42}{r['tokens_per_s']:>7.0f}"
+              f"{speed:>6}{r['peak_gib']:>6.1f}{memory:>6}{r['loss_first']:>8.3f}→{r['loss_last']:<7.3f}"
+              f"{delta:>7}{r['mfu']:>6.1%}{str(r['grad_norm_finite']):>7}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variant", choices=["baseline", "tunebench"], required=True)
+    parser.add_argument("--variant", choices=["baseline", "tunebench"])
+    parser.add_argument("--model", choices=["llmjp13b", "gemma"], default="llmjp13b")
+    parser.add_argument("--method", choices=["qlora", "lora"], default="qlora")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--set", dest="extra", action="append", default=[])
+    parser.add_argument("--results", type=Path, default=Path("/tmp/train_speed.jsonl"))
+    parser.add_argument("--table", type=Path, help="print the table of a results file and stop")
     args = parser.parse_args()
-    build_random_13b(MODEL)
+    if args.table:
+        print_table(args.table)
+        return
+    if args.model == "llmjp13b":
+        build_random_13b(MODEL)
     peak = matmul_peak_tflops()
     if args.variant == "baseline":
-        result = run_baseline(args.steps, args.seq)
+        result = run_baseline(args.model, args.method, args.steps, args.seq)
     else:
-        r = run_case("llmjp13b-qlora", args.steps, args.seq, Path("/tmp/bench-speed"), args.extra)
-        result = {"variant": "tunebench " + (" ".join(args.extra) or "default"), "steps": r["steps"],
-                  "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"], "loss_last": r["loss_last"],
-                  "wall_s": r["wall_s"]}
-    params = 13.7e9  # llm-jp-3-13b: 13.7 B parameters
-    result.update(seq=args.seq, matmul_tflops=peak, mfu=6 * params * result["tokens_per_s"] / (peak * 1e12))
+        r = run_case(f"{args.model}-{args.method}", args.steps, args.seq, Path("/tmp/bench-speed"), args.extra)
+        result = {key: r[key] for key in ("steps", "tokens_per_s", "peak_gib", "loss_first", "loss_last", "wall_s",
+                                          "grad_norm_finite")}
+        result["variant"] = "tunebench " + (" ".join(e.split(".")[-1] for e in args.extra) or "default")
+    result.update(model=args.model, method=args.method, seq=args.seq, matmul_tflops=peak,
+                  mfu=6 * PARAMS[args.model] * result["tokens_per_s"] / (peak * 1e12),
+                  device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"))
+    with args.results.open("a") as handle:
+        handle.write(json.dumps(result) + "\n")
     print(json.dumps(result), flush=True)
-    print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul {peak:.0f} TFLOP/s")
-    print(f"{'variant':<44}{'seq':>5}{'tok/s':>9}{'peak GiB':>10}{'loss':>8}{'MFU':>7}")
-    print(f"{result['variant'][:43]:<44}{args.seq:>5}{result['tokens_per_s']:>9.0f}{result['peak_gib']:>10.1f}"
-          f"{result['loss_last']:>8.3f}{result['mfu']:>7.1%}")
 
 
 if __name__ == "__main__":

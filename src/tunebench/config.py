@@ -66,6 +66,11 @@ class TrainConfig:
     num_virtual_tokens: int = 20  # prefix and prompt tuning
     per_device_train_batch_size: int = 2
     gradient_accumulation_steps: int = 4
+    # Run each optimizer step's examples (per_device_train_batch_size × gradient_accumulation_steps)
+    # padding-free, joined into micro-batches of at most this many tokens: the same examples and the
+    # same update as the padded micro-batches, in fewer, fuller passes. null: padded micro-batches of
+    # per_device_train_batch_size rows, as TRL and the course sample run them.
+    step_tokens: int | None = 2048
     num_train_epochs: float = 1.0
     max_steps: int | None = None  # caps the run; None trains num_train_epochs
     learning_rate: float = 2e-4
@@ -79,11 +84,17 @@ class TrainConfig:
     eval_steps: int | None = None
     gradient_checkpointing: bool = True
     # qlora: upcast non-quantised weights to fp32 (peft's prepare_model_for_kbit_training). Off keeps
-    # them bf16: for llm-jp-3-13b the embedding and lm_head alone are 2 GB more in fp32.
-    kbit_upcast: bool = True
-    # Compute vocabulary logits only where a label is predicted (skips prompt positions; a lever of
-    # issue 7, equal loss and gradients by test, speed not yet measured).
-    answer_only_logits: bool = False
+    # them bf16, as TRL does: for llm-jp-3-13b the embedding and lm_head alone are 2 GB more in fp32.
+    kbit_upcast: bool = False
+    # Compute vocabulary logits only where a label is predicted, 1,024 positions at a time.
+    # null (auto): on for the model types it is verified for (train/loss.py PLAIN_LOGITS) with lora,
+    # qlora or full on one process; true insists (and says why where it cannot), false never.
+    answer_only_logits: bool | None = None
+    # Keep the frozen base weights in pinned host memory and stream each decoder layer to the GPU one
+    # layer ahead of use (qlora/lora, gradient checkpointing, one process): peak GPU memory drops by
+    # about the size of the decoder's frozen weights. null (auto): on for those on a GPU when the
+    # frozen decoder weights are at least 1 GiB and the host has twice that free. See train/offload.py.
+    offload_frozen: bool | None = None
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the GPU has it
     seed: int = 42
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)

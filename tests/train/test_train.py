@@ -180,3 +180,74 @@ def test_answer_only_logits_equal_loss_and_gradients(tiny_model_dir, method, tok
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_answer_only_logits_refuses_models_that_rescale_logits():
+    """Cohere multiplies logits by logit_scale: the lever would drop it, so it is refused by name."""
+    from transformers import CohereConfig, CohereForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from tunebench.train.loss import use_answer_only_logits
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=2)
+    cohere = CohereForCausalLM(CohereConfig(logit_scale=0.5, **small))
+    with pytest.raises(ConfigError, match="'cohere'"):
+        use_answer_only_logits(True, cohere, "lora", 1)
+    assert use_answer_only_logits(None, cohere, "lora", 1) is False  # auto: quietly off
+    llama = LlamaForCausalLM(LlamaConfig(**small))  # llm-jp-3's architecture
+    assert use_answer_only_logits(None, llama, "lora", 1) is True
+    assert use_answer_only_logits(None, llama, "prompt", 1) is False
+    assert use_answer_only_logits(False, llama, "lora", 1) is False
+
+
+def test_step_tokens_runs_the_same_update_in_fewer_fuller_passes(tiny_model_dir):
+    """The step's examples joined padding-free give the same summed loss and gradients as padded micro-batches."""
+    from transformers import AutoModelForCausalLM
+
+    from tunebench.config import TrainConfig
+    from tunebench.train.loss import token_loss_sum
+    from tunebench.train.methods import make_trainable
+    from tunebench.train.sft import micro_batches
+
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for length in (7, 12, 5, 9, 16, 4, 11, 6):  # 2 rows × 4 accumulation steps, uneven lengths
+        ids = torch.randint(10, 5000, (length,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    groups = [rows[i : i + 2] for i in range(0, 8, 2)]
+    results = []
+    for step_tokens in (None, 40):
+        micro = micro_batches(groups, pad_id=0, step_tokens=step_tokens)
+        assert sum(real for _, real in micro) == sum(len(r["input_ids"]) for r in rows)
+        assert len(micro) == (4 if step_tokens is None else 2)  # 40-token budget: 7+12+5+9 | 16+4+11+6 → 33, 37
+        torch.manual_seed(0)
+        model = make_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               TrainConfig(method="lora", lora_dropout=0.0, gradient_checkpointing=False))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        total = sum(token_loss_sum(model, batch) for batch, _ in micro)
+        total.backward()
+        results.append((total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-4)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_cross_entropy_equals_one_pass(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tunebench.train.loss import chunked_cross_entropy, head_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    hidden = torch.randn(10, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 1000, (10,), generator=torch.Generator().manual_seed(1))
+    results = []
+    for fn in (lambda: head_loss(model, hidden, targets), lambda: chunked_cross_entropy(model, hidden, targets, chunk=3)):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        results.append((loss.detach(), model.get_output_embeddings().weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)

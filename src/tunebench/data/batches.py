@@ -52,3 +52,24 @@ def pad_batch(rows: list[dict[str, Any]], pad_id: int, multiple_of: int = 8) -> 
         else:
             batch["attention_mask"].append([1] * len(row["input_ids"]) + [0] * fill)
     return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def join_examples(rows: list[dict[str, Any]], budget: int) -> list[dict[str, list[int]]]:
+    """Concatenate rows (padding-free) into as few rows of at most `budget` tokens as the order allows.
+
+    Each row keeps its own position ids (packed rows keep theirs), so the joined row is exactly a
+    packed row: the same examples, no padding, no attention across them. A row longer than the
+    budget is joined with nothing.
+    """
+    out: list[dict[str, list[int]]] = []
+    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for row in rows:
+        if current["input_ids"] and len(current["input_ids"]) + len(row["input_ids"]) > budget:
+            out.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += row["input_ids"]
+        current["labels"] += row["labels"]
+        current["position_ids"] += row.get("position_ids") or list(range(len(row["input_ids"])))
+    if current["input_ids"]:
+        out.append(current)
+    return out

@@ -11,6 +11,12 @@ import torch.nn.functional as F
 
 from tunebench.data.batches import pad_batch
 from tunebench.data.tokens import IGNORE
+from tunebench.errors import ConfigError
+
+# Model types whose logits are exactly the output layer on the decoder's last hidden state (Gemma
+# adds the soft-capping handled below). Others may rescale logits (Cohere's logit_scale, Granite's
+# logits_scaling, MiniCPM's width scaling), which answer_only_logits would silently drop.
+PLAIN_LOGITS = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"}
 
 
 def loss_tokens(labels: torch.Tensor) -> int:
@@ -23,11 +29,54 @@ def answer_tokens(row: dict) -> int:
     return sum(1 for label in row["labels"][1:] if label != IGNORE)
 
 
+def use_answer_only_logits(setting: bool | None, model, method: str, world: int) -> bool:
+    """Resolve train.answer_only_logits for this model: null decides, true insists, false declines."""
+    if setting is False:
+        return False
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = getattr(causal.config, "model_type", None)
+    why = None
+    if method in ("prefix", "prompt") or world > 1:
+        why = "it works with lora, qlora and full on one process (it calls the decoder directly)"
+    elif kind not in PLAIN_LOGITS:
+        why = (f"it is verified only for model types {sorted(PLAIN_LOGITS)}; this model is '{kind}' "
+               "(it may rescale its logits)")
+    if why and setting:
+        raise ConfigError(f"train.answer_only_logits: {why}; set it to false or leave it null")
+    return why is None
+
+
+def head_loss(causal, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = causal.get_output_embeddings()(hidden)
+    cap = getattr(causal.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(causal, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of the output layer on (N, H) hidden states, `chunk` rows at a time.
+
+    Each chunk's logits are recomputed in the backward pass instead of kept, so at most one chunk of
+    vocabulary-wide logits (and its gradient) exists at once, however many answer tokens there are.
+    """
+    if len(hidden) <= chunk:
+        return head_loss(causal, hidden, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(hidden), chunk):
+        total = total + checkpoint(head_loss, causal, hidden[start : start + chunk], targets[start : start + chunk],
+                                   use_reentrant=False)
+    return total
+
+
 def token_loss_sum(model, batch: dict[str, torch.Tensor], answer_only_logits: bool = False) -> torch.Tensor:
     """Sum of next-token cross-entropy over labelled positions.
 
     answer_only_logits: run the decoder, then the output layer only on the hidden states that
-    predict a labelled token (N of B×T), so prompt positions never get vocabulary-wide logits.
+    predict a labelled token (N of B×T), so prompt positions never get vocabulary-wide logits, and
+    only 1,024 of those at a time (chunked_cross_entropy).
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]
@@ -36,11 +85,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], answer_only_logits: bo
         hidden = causal.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        logits = causal.get_output_embeddings()(hidden[:, :-1][keep])  # (N, vocab)
-        cap = getattr(causal.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return chunked_cross_entropy(causal, hidden[:, :-1][keep], targets[keep])
     logits = model(**inputs, use_cache=False).logits
     logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens to the logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

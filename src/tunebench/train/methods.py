@@ -29,13 +29,18 @@ def make_trainable(model, train: TrainConfig):
     """Attach the method's adapters (or unfreeze everything for full) and set up checkpointing."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    # Frozen-weight offload needs the re-entrant form (see train/offload.py); otherwise the
+    # non-re-entrant one, which needs no inputs that require grad.
+    checkpointing = {"use_reentrant": train.offload_frozen}
     if train.method == "qlora" and train.kbit_upcast:
         # peft's recipe: casts every non-quantised weight (embeddings and lm_head too) to fp32.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            gradient_checkpointing_kwargs=checkpointing)
     elif train.gradient_checkpointing and train.method not in ("prefix", "prompt"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if train.gradient_checkpointing and checkpointing["use_reentrant"]:
+        model.enable_input_require_grads()  # re-entrant checkpoints pass gradients only to inputs that need them
     config = peft_config(train)
     if config is None:
         for param in model.parameters():

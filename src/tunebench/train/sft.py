@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +28,8 @@ from tqdm import tqdm
 
 from tunebench import __version__
 from tunebench.config import Config
-from tunebench.data.batches import pad_batch
+from tunebench.data.batches import join_examples, pad_batch
 from tunebench.data.prepare import prepare, read_rows
-from tunebench.data.tokens import IGNORE
 from tunebench.errors import ConfigError, DataError
 from tunebench.models.load import compute_dtype, load_base_model, pick_device
 from tunebench.models.tokenizer import load_tokenizer
@@ -38,8 +37,9 @@ from tunebench.runs import RunDir, append_jsonl, write_json_atomic
 from tunebench.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunebench.train.distributed import Dist
 from tunebench.train.fingerprint import code_fingerprint
-from tunebench.train.loss import answer_tokens, evaluate, token_loss_sum
+from tunebench.train.loss import answer_tokens, evaluate, token_loss_sum, use_answer_only_logits
 from tunebench.train.methods import count_parameters, make_trainable
+from tunebench.train.offload import enable_offload, use_offload
 from tunebench.train.tracking import Trackers
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,17 @@ def micro_batch_order(n_rows: int, batch_size: int, seed: int, count: int) -> li
     return batches[:count]
 
 
+def micro_batches(groups: list[list[dict]], pad_id: int, step_tokens: int | None) -> list[tuple[dict, int]]:
+    """(tensor batch, real token count) for one optimizer step on this process.
+
+    groups are the step's micro-batches of rows; with step_tokens they are run padding-free,
+    joined into rows of at most step_tokens tokens (see data.batches.join_examples).
+    """
+    if step_tokens:
+        groups = [[row] for row in join_examples([row for group in groups for row in group], step_tokens)]
+    return [(pad_batch(group, pad_id), sum(len(row["input_ids"]) for row in group)) for group in groups]
+
+
 def total_steps(config: Config, n_rows: int, world: int = 1) -> int:
     t = config.train
     if t.max_steps is not None:
@@ -73,9 +84,11 @@ def total_steps(config: Config, n_rows: int, world: int = 1) -> int:
 def train(config: Config, run: RunDir, resume: bool = False, allow_contamination: bool = False) -> Path:
     """Fine-tune and return the folder holding the final adapter (or full model)."""
     t = config.train
-    if t.answer_only_logits and (t.method in ("prefix", "prompt") or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if t.answer_only_logits and (t.method in ("prefix", "prompt") or world_size > 1):
         raise ConfigError("train.answer_only_logits works with lora, qlora and full on one process "
                           "(it calls the decoder directly, past peft's virtual tokens and DDP's hooks)")
+    use_offload(t.offload_frozen, None, t.method, t.gradient_checkpointing, torch.device("cpu"), world_size)
     if config.data.packing and t.method in ("prefix", "prompt"):
         raise ConfigError("data.packing cannot be combined with prefix or prompt tuning "
                           "(virtual tokens would be shared across packed examples)")
@@ -100,8 +113,21 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
     # model
     model = load_base_model(config.model, dtype if t.method != "full" else torch.float32,
                             quantize_4bit=t.method == "qlora", device=device)
+    # the two automatic levers, decided for this model and machine (recorded in the log)
+    t = replace(t, answer_only_logits=use_answer_only_logits(t.answer_only_logits, model, t.method, dist.world),
+                offload_frozen=use_offload(t.offload_frozen, model, t.method, t.gradient_checkpointing, device,
+                                           dist.world))
+    log.info("answer_only_logits: %s, offload_frozen: %s", t.answer_only_logits, t.offload_frozen)
     model = dist.wrap(make_trainable(model, t))
+    if t.offload_frozen:
+        offload = enable_offload(model, device)
+        log.info("offload: %.2f GiB of frozen weights in host memory, streamed one layer ahead%s",
+                 offload.host_bytes / 2**30, " (input embedding on the host)" if offload.embedding else "")
     model.train()
+    if device.type == "cuda":  # the logged peak is the training peak; loading may briefly need more
+        log.info("GPU memory after loading: %.2f GiB (peak while loading %.2f GiB)",
+                 torch.cuda.memory_allocated(device) / 2**30, torch.cuda.max_memory_allocated(device) / 2**30)
+        torch.cuda.reset_peak_memory_stats(device)
     trainable, total = count_parameters(model)
     log.info("%s: %s trainable of %s parameters (%.2f%%) on %s, %s", t.method, f"{trainable:,}", f"{total:,}",
              100 * trainable / total, device, dtype)
@@ -137,6 +163,8 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
         run.metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     accum = t.gradient_accumulation_steps
+    # prefix/prompt tuning prepend virtual tokens to each row, so their rows are never joined
+    step_tokens = None if t.method in ("prefix", "prompt") else t.step_tokens
     # Micro-batch k of the run is the same whatever the number of processes: with a global batch of
     # accum × world micro-batches per step, rank r takes every world-th one, so a checkpoint
     # resumes on another number of GPUs when accum × world is unchanged.
@@ -153,8 +181,9 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
         step_batches = order[step * per_step : (step + 1) * per_step]
         # Normalise by the answer tokens of the whole global batch, which every rank can count.
         n_answer = sum(answer_tokens(rows[i]) for idx in step_batches for i in idx)
-        micro = [pad_batch([rows[i] for i in idx], pad_id) for idx in step_batches[dist.rank :: world]]
-        for k, batch in enumerate(micro):
+        micro = micro_batches([[rows[i] for i in idx] for idx in step_batches[dist.rank :: world]],
+                              pad_id, step_tokens)
+        for k, (batch, real_tokens) in enumerate(micro):
             batch = {key: v.to(device) for key, v in batch.items()}
             with dist.no_sync(model, last=k == len(micro) - 1):
                 with autocast():
@@ -163,8 +192,7 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
                 # × world turns that average into the global sum.
                 (loss_sum * world / max(n_answer, 1)).backward()
             window["loss_sum"] += loss_sum.item()
-            window["tokens"] += int((batch["labels"] != IGNORE).sum() if "position_ids" in batch
-                                    else batch["attention_mask"].sum())
+            window["tokens"] += real_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
         optimizer.step()
         scheduler.step()
