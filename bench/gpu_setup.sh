@@ -14,8 +14,8 @@ case "$1" in
     echo "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  /tmp/model/gemma-3-270m-q4_k_m.gguf" | sha256sum -c
     PYTHONPATH=/tmp/site:src python3 -c "
 from pathlib import Path
-from tunebench.models.embedded import GGUF_SHA256, cache_root, convert_gguf
-target = cache_root() / 'models' / f'gemma-3-270m-{GGUF_SHA256[:16]}'
+from tunebench.models.embedded import checkpoint_dir, convert_gguf
+target = checkpoint_dir()
 convert_gguf(Path('/tmp/model/gemma-3-270m-q4_k_m.gguf'), target)
 print('converted to', target)" ;;
 esac

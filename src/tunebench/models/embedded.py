@@ -16,6 +16,7 @@ from tunebench.errors import ModelError
 
 EMBEDDED_NAME = "embedded:gemma-3-270m"
 GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+CONVERTER = 2  # bumped when conversion changes, so older caches are converted again (2: BOS rule kept)
 log = logging.getLogger(__name__)
 
 
@@ -24,9 +25,28 @@ def cache_root() -> Path:
     return Path(os.environ.get("TUNEBENCH_CACHE", Path.home() / ".cache" / "tunebench"))
 
 
+def checkpoint_dir() -> Path:
+    """Where the converted embedded model lives in the cache."""
+    return cache_root() / "models" / f"gemma-3-270m-{GGUF_SHA256[:16]}-c{CONVERTER}"
+
+
+def ensure_bos(tokenizer, model_type: str) -> None:
+    """Gemma is trained with BOS first; some transformers versions (5.17) read a GGUF tokenizer
+    without that rule, and the model without BOS is another model (answer loss 6.0 instead of 3.0
+    on megagon). Restore the rule where it went missing."""
+    bos = tokenizer.bos_token_id
+    if not model_type.startswith("gemma") or bos is None or tokenizer("a")["input_ids"][:1] == [bos]:
+        return
+    tokenizer.add_bos_token = True
+    if hasattr(tokenizer, "update_post_processor"):
+        tokenizer.update_post_processor()
+    if tokenizer("a")["input_ids"][:1] != [bos]:
+        raise ModelError("the converted Gemma tokenizer does not put BOS first and cannot be told to")
+
+
 def embedded_checkpoint() -> Path:
     """Return a local directory holding the embedded model as safetensors, converting once."""
-    target = cache_root() / "models" / f"gemma-3-270m-{GGUF_SHA256[:16]}"
+    target = checkpoint_dir()
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target  # converted earlier (possibly from a copied GGUF, see bench/README.md)
     try:
@@ -57,6 +77,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype="float32"
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    ensure_bos(tokenizer, model.config.model_type)
     # A GGUF-loaded model carries a quantizer marker that makes save_pretrained refuse; the weights
     # are already dequantised, so the marker is stale and safe to clear.
     model.hf_quantizer = None
