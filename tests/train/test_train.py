@@ -198,6 +198,8 @@ def test_answer_only_logits_refuses_models_that_rescale_logits():
     assert use_answer_only_logits(None, llama, "lora", 1) is True
     assert use_answer_only_logits(None, llama, "prompt", 1) is False
     assert use_answer_only_logits(False, llama, "lora", 1) is False
+    with pytest.raises(ConfigError, match="one process"):  # refused before any model is loaded
+        use_answer_only_logits(True, None, "prefix", 1)
 
 
 def test_step_tokens_runs_the_same_update_in_fewer_fuller_passes(tiny_model_dir):

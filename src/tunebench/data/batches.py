@@ -18,18 +18,7 @@ from tunebench.data.tokens import IGNORE, Encoded
 
 def pack_examples(examples: list[Encoded], max_len: int) -> list[dict[str, list[int]]]:
     """Greedy packing in the given order: start a new row when the next example does not fit."""
-    rows: list[dict[str, list[int]]] = []
-    row = {"input_ids": [], "labels": [], "position_ids": []}
-    for example in examples:
-        if row["input_ids"] and len(row["input_ids"]) + len(example.input_ids) > max_len:
-            rows.append(row)
-            row = {"input_ids": [], "labels": [], "position_ids": []}
-        row["input_ids"] += example.input_ids
-        row["labels"] += example.labels
-        row["position_ids"] += list(range(len(example.input_ids)))
-    if row["input_ids"]:
-        rows.append(row)
-    return rows
+    return join_examples([{"input_ids": e.input_ids, "labels": e.labels} for e in examples], max_len)
 
 
 def pad_batch(rows: list[dict[str, Any]], pad_id: int, multiple_of: int = 8) -> dict[str, torch.Tensor]:

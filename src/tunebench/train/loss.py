@@ -30,15 +30,17 @@ def answer_tokens(row: dict) -> int:
 
 
 def use_answer_only_logits(setting: bool | None, model, method: str, world: int) -> bool:
-    """Resolve train.answer_only_logits for this model: null decides, true insists, false declines."""
+    """Resolve train.answer_only_logits for this model: null decides, true insists, false declines.
+    With model None (before loading) only the method and process count are checked."""
     if setting is False:
         return False
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kind = getattr(causal.config, "model_type", None)
+    kind = getattr(getattr(causal, "config", None), "model_type", None)
     why = None
     if method in ("prefix", "prompt") or world > 1:
-        why = "it works with lora, qlora and full on one process (it calls the decoder directly)"
-    elif kind not in PLAIN_LOGITS:
+        why = ("it works with lora, qlora and full on one process (it calls the decoder directly, past "
+               "peft's virtual tokens and DDP's hooks)")
+    elif model is not None and kind not in PLAIN_LOGITS:
         why = (f"it is verified only for model types {sorted(PLAIN_LOGITS)}; this model is '{kind}' "
                "(it may rescale its logits)")
     if why and setting:

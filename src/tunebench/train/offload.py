@@ -39,7 +39,7 @@ class Slot:
 
     @property
     def nbytes(self) -> int:
-        return self.shape.numel() * torch.empty((), dtype=self.dtype).element_size()
+        return self.shape.numel() * self.dtype.itemsize
 
     def view(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
@@ -64,7 +64,7 @@ def frozen_tensors(layer: nn.Module) -> list[tuple[nn.Module, torch.Tensor, Call
             state = getattr(param, "quant_state", None)
             for qs in (state, getattr(state, "state2", None)):
                 for name in ("absmax", "code", "offset"):
-                    value = getattr(qs, name, None) if qs is not None else None
+                    value = getattr(qs, name, None)
                     if isinstance(value, torch.Tensor):
                         found.append((module, value, lambda t, q=qs, n=name: setattr(q, n, t)))
     return found
@@ -180,9 +180,10 @@ def host_free_bytes() -> int:
     return 0
 
 
-def use_offload(setting: bool | None, model, method: str, checkpointing: bool, device: torch.device,
+def use_offload(setting: bool | None, model, method: str, checkpointing: bool, device: torch.device | None,
                 world: int) -> bool:
-    """Resolve train.offload_frozen: null decides (see config), true insists, false declines."""
+    """Resolve train.offload_frozen: null decides (see config), true insists, false declines.
+    With model None (before loading) only the method, checkpointing and process count are checked."""
     if setting is False:
         return False
     if method not in ("qlora", "lora") or not checkpointing or world > 1:
@@ -193,7 +194,7 @@ def use_offload(setting: bool | None, model, method: str, checkpointing: bool, d
     if setting:
         return True
     layers = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
-    if device.type != "cuda" or not isinstance(layers, nn.ModuleList):
+    if device is None or device.type != "cuda" or not isinstance(layers, nn.ModuleList):
         return False
     frozen = sum(p.numel() * p.element_size() for p in layers.parameters())
     return frozen >= 2**30 and host_free_bytes() >= 2 * frozen

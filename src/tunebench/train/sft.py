@@ -85,10 +85,9 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
     """Fine-tune and return the folder holding the final adapter (or full model)."""
     t = config.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if t.answer_only_logits and (t.method in ("prefix", "prompt") or world_size > 1):
-        raise ConfigError("train.answer_only_logits works with lora, qlora and full on one process "
-                          "(it calls the decoder directly, past peft's virtual tokens and DDP's hooks)")
-    use_offload(t.offload_frozen, None, t.method, t.gradient_checkpointing, torch.device("cpu"), world_size)
+    # settings that cannot work are refused before any data or model is loaded
+    use_answer_only_logits(t.answer_only_logits, None, t.method, world_size)
+    use_offload(t.offload_frozen, None, t.method, t.gradient_checkpointing, None, world_size)
     if config.data.packing and t.method in ("prefix", "prompt"):
         raise ConfigError("data.packing cannot be combined with prefix or prompt tuning "
                           "(virtual tokens would be shared across packed examples)")
