@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tunebench.cli import add_config_args
+from tunebench.cli import add_config_args, add_overrides_arg
 from tunebench.config import load_config
 from tunebench.errors import DataError
 
@@ -25,7 +25,7 @@ def register(sub) -> None:
     inspect.add_argument("files", nargs="+", help="JSON/JSONL/CSV/Parquet files, dataset folders or builtin:NAME")
     inspect.add_argument("--format", default="auto", choices=FORMAT_CHOICES, help="skip format detection")
     inspect.add_argument("--config", help="take template, max_seq_length and tokenizer from this config")
-    inspect.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides_arg(inspect, "data.max_seq_length=1024")
     inspect.add_argument("--tokenizer", help="count tokens with this tokenizer (hub id, folder, embedded:gemma-3-270m);"
                          " without one, lengths are in characters")
     inspect.add_argument("--template", choices=["course", "alpaca-ja", "chat"], help="prompt template")

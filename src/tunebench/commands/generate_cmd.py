@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from tunebench.cli import add_overrides_arg
 from tunebench.config import load_config
 
 TEMPLATES = ["course", "alpaca-ja", "chat"]
@@ -26,8 +27,7 @@ def register(sub) -> None:
     gen.add_argument("--template", choices=TEMPLATES, help="prompt template, required for a plain model "
                      "without a chat template (a run uses its own)")
     gen.add_argument("--config", help="take generate settings from this config (default: the run's own)")
-    gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="e.g. --set generate.max_new_tokens=256 --set generate.repetition_penalty=1.1")
+    add_overrides_arg(gen, "generate.max_new_tokens=256")
     gen.set_defaults(func=run_generate)
 
     val = sub.add_parser("validate", help="check a predictions file against its task file",
@@ -46,7 +46,7 @@ def register(sub) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--template", choices=TEMPLATES)
     serve.add_argument("--name", help="model name reported by /v1/models (default: the target)")
-    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides_arg(serve, "generate.repetition_penalty=1.1")
     serve.set_defaults(func=run_serve)
 
 

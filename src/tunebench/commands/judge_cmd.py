@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from tunebench.cli import add_overrides_arg
 from tunebench.config import load_config
 from tunebench.errors import ConfigError
 
@@ -34,7 +35,7 @@ def register(sub) -> None:
     judge.add_argument("--concurrency", type=int)
     judge.add_argument("--rpm", type=int, help="requests-per-minute cap")
     judge.add_argument("--config", help="take judge settings from this config (default: the run's own)")
-    judge.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides_arg(judge, "judge.concurrency=8")
     judge.add_argument("--n", type=int, default=50, help="calibrate: answers to sample")
     judge.add_argument("--data", help="calibrate: judge-calibration folder (default: shared/data/judge-calibration)")
     judge.add_argument("--reference-judge", default="gpt-4-turbo-preview", help="calibrate: judge to compare with")

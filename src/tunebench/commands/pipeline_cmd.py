@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from tunebench.cli import add_config_args
+from tunebench.cli import add_config_args, add_overrides_arg
 from tunebench.config import load_config
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def register(sub) -> None:
                     "is used automatically.",
         epilog="examples:\n  tunebench quickstart\n  GEMINI_API_KEY=... tunebench quickstart\n"
                "  tunebench quickstart --set train.max_steps=100 --run-dir runs/quickstart-100")
-    quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides_arg(quick, "train.max_steps=20")
     quick.add_argument("--run-dir", default="runs/quickstart")
     quick.add_argument("--judge", help="BACKEND:MODEL (default: from GEMINI_API_KEY / OPENAI_API_KEY / OPENAI_BASE_URL)")
     quick.set_defaults(func=run_quickstart)
