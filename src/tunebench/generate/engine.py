@@ -7,7 +7,7 @@ with an attention mask, so greedy batched outputs equal one-at-a-time outputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -71,6 +71,10 @@ class Generator:
         self.stops = stop_strings_for(config, template)
         self.eos_ids = stop_token_ids(tokenizer, template)
         self.prefix = special_prefix(tokenizer)
+
+    def with_settings(self, **changes) -> Generator:
+        """The same model, tokenizer and template with some generate settings changed (per request)."""
+        return Generator(self.model, self.tokenizer, self.template, replace(self.config, **changes))
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_prompt(messages, self.template, self.tokenizer, self.prefix)

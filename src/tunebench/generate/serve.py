@@ -8,7 +8,6 @@ a judge backend for `tunebench judge`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import threading
@@ -49,8 +48,7 @@ class ChatServer(ThreadingHTTPServer):
         stop = body.get("stop")
         if stop:
             changes["stop"] = self.generator.stops + ([stop] if isinstance(stop, str) else list(stop))
-        generator = Generator(self.generator.model, self.generator.tokenizer, self.generator.template,
-                              dataclasses.replace(config, **changes))
+        generator = self.generator.with_settings(**changes)
         prompt = generator.encode(messages)
         with self.lock:
             answer = generator.generate_batch([prompt])[0]

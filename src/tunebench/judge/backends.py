@@ -159,13 +159,9 @@ class LocalBackend:
         self.lock = threading.Lock()
 
     def complete(self, prompt: str, temperature: float) -> str:
-        import dataclasses
 
-        from tunebench.generate.engine import Generator
-
-        config = dataclasses.replace(self.generator.config, do_sample=temperature > 0,
-                                     temperature=temperature if temperature > 0 else 1.0)
-        generator = Generator(self.generator.model, self.generator.tokenizer, self.generator.template, config)
+        generator = self.generator.with_settings(do_sample=temperature > 0,
+                                                 temperature=temperature if temperature > 0 else 1.0)
         with self.lock:
             answer = generator.generate_batch([generator.encode([{"role": "user", "content": prompt}])])[0]
         if not answer.text:
