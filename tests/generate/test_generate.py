@@ -5,9 +5,9 @@ import pytest
 from tunebench.config import GenerateConfig
 from tunebench.errors import ConfigError
 from tunebench.generate import engine
-from tunebench.generate.answers import generate_answers, pick_template
+from tunebench.generate.answers import generate_answers
 from tunebench.generate.engine import Generator, clean_answer
-from tunebench.models.trained import load_for_inference
+from tunebench.models.trained import load_for_inference, pick_template
 
 LIVELY = dict(repetition_penalty=1.0, no_repeat_ngram_size=1)  # a random model's greedy text never repeats
 

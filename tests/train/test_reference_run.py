@@ -11,7 +11,6 @@ any real change (one token more or less in a label moves the first loss by more 
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from tunebench.config import load_config

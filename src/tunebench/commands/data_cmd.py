@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tunebench.cli import add_config_args, add_overrides_arg
+from tunebench.commands.options import add_config_args, add_overrides_arg
 from tunebench.config import load_config
 from tunebench.errors import DataError
 

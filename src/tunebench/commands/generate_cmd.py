@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from tunebench.cli import add_overrides_arg
+from tunebench.commands.options import add_overrides_arg
 from tunebench.config import load_config
 
 TEMPLATES = ["course", "alpaca-ja", "chat"]
@@ -92,10 +92,9 @@ def run_validate(args) -> int:
 
 
 def run_serve(args) -> int:
-    from tunebench.generate.answers import pick_template
     from tunebench.generate.engine import Generator
     from tunebench.generate.serve import make_server
-    from tunebench.models.trained import load_for_inference
+    from tunebench.models.trained import load_for_inference, pick_template
 
     config = settings_for(args.target, None, args.overrides)
     loaded = load_for_inference(args.target)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tunebench.cli import add_overrides_arg
+from tunebench.commands.options import add_overrides_arg
 from tunebench.config import load_config
 from tunebench.errors import ConfigError
 
@@ -99,9 +99,8 @@ def run_judge(args) -> int:
 
 
 def run_nll(args) -> int:
-    from tunebench.generate.answers import pick_template
     from tunebench.judge.nll import reference_nll
-    from tunebench.models.trained import load_for_inference
+    from tunebench.models.trained import load_for_inference, pick_template
 
     loaded = load_for_inference(args.target)
     template = pick_template(loaded.template, args.template, loaded.tokenizer)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from tunebench.cli import add_config_args, add_overrides_arg
+from tunebench.commands.options import add_config_args, add_overrides_arg
 from tunebench.config import load_config
 
 log = logging.getLogger(__name__)

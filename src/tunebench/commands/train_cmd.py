@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tunebench.cli import add_config_args
+from tunebench.commands.options import add_config_args
 from tunebench.config import load_config
 
 

@@ -18,6 +18,7 @@ from tunebench.config import GenerateConfig, ModelConfig
 from tunebench.errors import ConfigError
 from tunebench.generate.engine import Generator
 from tunebench.generate.validate import validate_and_record
+from tunebench.models.trained import pick_template
 from tunebench.runs import append_jsonl
 from tunebench.tasksets import load_tasks
 
@@ -32,20 +33,6 @@ class GenerateResult:
     seconds: float
     new_tokens: int
     hit_max_tokens: int
-
-
-def pick_template(loaded_template: str | None, requested: str | None, tokenizer) -> str:
-    """A run's own template wins; a plain model needs one named, or has a chat template to use."""
-    if loaded_template is not None:
-        if requested and requested != loaded_template:
-            raise ConfigError(f"this run was trained with template '{loaded_template}'; generating with "
-                              f"'{requested}' would not match training (drop --template)")
-        return loaded_template
-    if requested:
-        return requested
-    if getattr(tokenizer, "chat_template", None):
-        return "chat"
-    raise ConfigError("a plain model needs --template (course, alpaca-ja or chat): it has no chat template")
 
 
 def read_partial(path: Path, inputs: dict) -> dict:

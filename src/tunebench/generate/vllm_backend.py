@@ -21,9 +21,8 @@ class VllmGenerator:
         except ImportError as exc:
             raise ModelError("generate.backend vllm needs vLLM: pip install 'tunebench[vllm]' "
                              "(Linux with a CUDA GPU), or use backend: transformers") from exc
-        from tunebench.generate.answers import pick_template
         from tunebench.models.tokenizer import resolve_model_path
-        from tunebench.models.trained import find_trained
+        from tunebench.models.trained import find_trained, pick_template
 
         trained = find_trained(Path(target))
         self.lora = None

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tunebench.config import ModelConfig
+from tunebench.errors import ConfigError
 from tunebench.models.load import load_base_model, pick_device
 from tunebench.models.tokenizer import load_tokenizer
 
@@ -27,6 +28,20 @@ def find_trained(path: Path) -> Path | None:
         if (candidate / "tunebench.json").exists():
             return candidate
     return None
+
+
+def pick_template(loaded_template: str | None, requested: str | None, tokenizer) -> str:
+    """A run's own template wins; a plain model needs one named, or has a chat template to use."""
+    if loaded_template is not None:
+        if requested and requested != loaded_template:
+            raise ConfigError(f"this run was trained with template '{loaded_template}'; generating with "
+                              f"'{requested}' would not match training (drop --template)")
+        return loaded_template
+    if requested:
+        return requested
+    if getattr(tokenizer, "chat_template", None):
+        return "chat"
+    raise ConfigError("a plain model needs --template (course, alpaca-ja or chat): it has no chat template")
 
 
 def load_for_inference(target: str, dtype: torch.dtype | None = None, model_config: ModelConfig | None = None
