@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 import yaml
 
+from tunebench.data.templates import TemplateName
 from tunebench.errors import ConfigError
+from tunebench.train.methods import MethodName
 
 
 @dataclass
@@ -41,7 +43,7 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
-    template: Literal["course", "alpaca-ja", "chat"] = "course"
+    template: TemplateName = "course"  # one of data/templates.py TEMPLATES
     max_seq_length: int = 512
     overlength: Literal["truncate", "drop"] = "truncate"
     packing: bool = False
@@ -56,7 +58,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    method: Literal["qlora", "lora", "full", "prefix", "prompt"] = "qlora"
+    method: MethodName = "qlora"  # one of train/methods.py METHODS
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05

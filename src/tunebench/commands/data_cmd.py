@@ -7,6 +7,7 @@ import sys
 
 from tunebench.commands.options import add_config_args, add_overrides_arg
 from tunebench.config import load_config
+from tunebench.data.templates import TEMPLATE_NAMES
 from tunebench.errors import DataError
 
 FORMAT_CHOICES = ["auto", "ichikara", "alpaca", "messages"]
@@ -28,7 +29,7 @@ def register(sub) -> None:
     add_overrides_arg(inspect, "data.max_seq_length=1024")
     inspect.add_argument("--tokenizer", help="count tokens with this tokenizer (hub id, folder, embedded:gemma-3-270m);"
                          " without one, lengths are in characters")
-    inspect.add_argument("--template", choices=["course", "alpaca-ja", "chat"], help="prompt template")
+    inspect.add_argument("--template", choices=TEMPLATE_NAMES, help="prompt template")
     inspect.add_argument("--strict", action="store_true", help="exit non-zero if any record has a problem")
     inspect.set_defaults(func=run_inspect)
 

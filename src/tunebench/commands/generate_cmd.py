@@ -9,8 +9,7 @@ from pathlib import Path
 
 from tunebench.commands.options import add_overrides_arg
 from tunebench.config import load_config
-
-TEMPLATES = ["course", "alpaca-ja", "chat"]
+from tunebench.data.templates import TEMPLATE_NAMES
 
 
 def register(sub) -> None:
@@ -24,7 +23,7 @@ def register(sub) -> None:
     gen.add_argument("--tasks", help="task-set name (elyza-tasks-100, elyza-tasks-100-tv) or JSONL with task_id+input"
                      " (default: generate.tasks of the run's config)")
     gen.add_argument("--out", help="predictions file (default: RUN/predictions.jsonl, or predictions.jsonl)")
-    gen.add_argument("--template", choices=TEMPLATES, help="prompt template, required for a plain model "
+    gen.add_argument("--template", choices=TEMPLATE_NAMES, help="prompt template, required for a plain model "
                      "without a chat template (a run uses its own)")
     gen.add_argument("--config", help="take generate settings from this config (default: the run's own)")
     add_overrides_arg(gen, "generate.max_new_tokens=256")
@@ -44,7 +43,7 @@ def register(sub) -> None:
     serve.add_argument("target", help="a run directory, merged model folder, or hub id / model folder")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--template", choices=TEMPLATES)
+    serve.add_argument("--template", choices=TEMPLATE_NAMES)
     serve.add_argument("--name", help="model name reported by /v1/models (default: the target)")
     add_overrides_arg(serve, "generate.repetition_penalty=1.1")
     serve.set_defaults(func=run_serve)

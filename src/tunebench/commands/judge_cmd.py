@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tunebench.commands.options import add_overrides_arg
 from tunebench.config import load_config
+from tunebench.data.templates import TEMPLATE_NAMES
 from tunebench.errors import ConfigError
 
 JUDGE_EPILOG = """examples:
@@ -51,7 +52,7 @@ def register(sub) -> None:
                               epilog="example:\n  tunebench eval nll runs/quickstart --tasks elyza-tasks-100")
     nll.add_argument("target", help="a run directory, merged model, or hub id / folder")
     nll.add_argument("--tasks", default="elyza-tasks-100", help="a task set with reference answers")
-    nll.add_argument("--template", choices=["course", "alpaca-ja", "chat"], help="for a plain model")
+    nll.add_argument("--template", choices=TEMPLATE_NAMES, help="for a plain model")
     nll.set_defaults(func=run_nll)
 
 

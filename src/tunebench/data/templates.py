@@ -8,18 +8,11 @@ construction it is exactly the token prefix that training put in front of the an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from tunebench.errors import ConfigError
 
-TEMPLATES = ("course", "alpaca-ja", "chat")
 ALPACA_JA_PREAMBLE = "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。\n\n"
-
-# Text the model would write next if it ran past its answer: generation stops there.
-STOP_STRINGS = {
-    "course": ["### 指示", "### 回答"],
-    "alpaca-ja": ["### 指示:", "### 応答:"],
-    "chat": [],
-}
 CHAT_END_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
 
 
@@ -32,32 +25,86 @@ class Segment:
     add_eos: bool = False
 
 
+class Template(Protocol):
+    """A prompt style: how a conversation renders, where generation stops, which tokens end an answer."""
+
+    name: str
+    stop_strings: tuple[str, ...]  # text the model would write next if it ran past its answer
+
+    def render(self, messages: list[dict[str, str]], tokenizer, add_generation_prompt: bool) -> list[Segment]: ...
+
+    def end_token_ids(self, tokenizer) -> list[int]: ...
+
+
+def eos_ids(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+@dataclass(frozen=True)
+class InstructionTemplate:
+    """A plain-text template: a header around each instruction; each answer closes with EOS."""
+
+    name: str
+    user: str  # formatted with {instruction}
+    preamble: str  # once, before the first instruction (after any system text)
+    stop_strings: tuple[str, ...]
+
+    def render(self, messages: list[dict[str, str]], tokenizer, add_generation_prompt: bool) -> list[Segment]:
+        segments: list[Segment] = []
+        prefix = "".join(m["content"] + "\n\n" for m in messages if m["role"] == "system") + self.preamble
+        for message in messages:
+            if message["role"] == "user":
+                text = ("\n" if segments else "") + self.user.format(instruction=message["content"])
+                segments.append(Segment(prefix + text, is_answer=False))
+                prefix = ""
+            elif message["role"] == "assistant":
+                segments.append(Segment(message["content"], is_answer=True, add_eos=True))
+        if add_generation_prompt and (not segments or segments[-1].is_answer):
+            raise ValueError("a generation prompt needs messages that end with a user turn")
+        return segments
+
+    def end_token_ids(self, tokenizer) -> list[int]:
+        return eos_ids(tokenizer)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """The tokenizer's own chat template; its end-of-turn tokens end an answer as EOS does."""
+
+    name: str = "chat"
+    stop_strings: tuple[str, ...] = ()
+
+    def render(self, messages: list[dict[str, str]], tokenizer, add_generation_prompt: bool) -> list[Segment]:
+        return render_chat(messages, tokenizer, add_generation_prompt)
+
+    def end_token_ids(self, tokenizer) -> list[int]:
+        ids, vocab = eos_ids(tokenizer), tokenizer.get_vocab()
+        return ids + [vocab[t] for t in CHAT_END_TOKENS if t in vocab and vocab[t] not in ids]
+
+
+# The registry: config, CLI choices, data, generation and the judge all read template names here.
+TEMPLATES: dict[str, Template] = {t.name: t for t in (
+    InstructionTemplate("course", user="### 指示\n{instruction}\n### 回答\n", preamble="",
+                        stop_strings=("### 指示", "### 回答")),
+    InstructionTemplate("alpaca-ja", user="### 指示:\n{instruction}\n\n### 応答:\n", preamble=ALPACA_JA_PREAMBLE,
+                        stop_strings=("### 指示:", "### 応答:")),
+    ChatTemplate(),
+)}
+TEMPLATE_NAMES = tuple(TEMPLATES)
+TemplateName = Literal[TEMPLATE_NAMES]  # type: ignore[valid-type]  # the config's type for data.template
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ConfigError(f"unknown template '{name}' (choose from: {', '.join(TEMPLATE_NAMES)})")
+    return TEMPLATES[name]
+
+
 def render_segments(messages: list[dict[str, str]], template: str, tokenizer=None,
                     add_generation_prompt: bool = False) -> list[Segment]:
     """Render a conversation. For inference pass messages ending in a user turn and
     add_generation_prompt=True; the last segment is then the prompt the answer follows."""
-    if template == "chat":
-        return render_chat(messages, tokenizer, add_generation_prompt)
-    if template not in ("course", "alpaca-ja"):
-        raise ConfigError(f"unknown template '{template}' (choose from: {', '.join(TEMPLATES)})")
-    segments: list[Segment] = []
-    system = "".join(m["content"] + "\n\n" for m in messages if m["role"] == "system")
-    prefix = system + (ALPACA_JA_PREAMBLE if template == "alpaca-ja" else "")
-    for message in messages:
-        if message["role"] == "user":
-            if template == "course":
-                text = f"### 指示\n{message['content']}\n### 回答\n"
-            else:
-                text = f"### 指示:\n{message['content']}\n\n### 応答:\n"
-            if segments:
-                text = "\n" + text
-            segments.append(Segment(prefix + text, is_answer=False))
-            prefix = ""
-        elif message["role"] == "assistant":
-            segments.append(Segment(message["content"], is_answer=True, add_eos=True))
-    if add_generation_prompt and (not segments or segments[-1].is_answer):
-        raise ValueError("a generation prompt needs messages that end with a user turn")
-    return segments
+    return get_template(template).render(messages, tokenizer, add_generation_prompt)
 
 
 def render_chat(messages: list[dict[str, str]], tokenizer, add_generation_prompt: bool) -> list[Segment]:
@@ -94,8 +141,4 @@ def render_prompt(instruction: str, template: str, tokenizer=None, system: str |
 
 def stop_token_ids(tokenizer, template: str) -> list[int]:
     """Token ids that end an answer: EOS, plus the chat template's end-of-turn tokens."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if template == "chat":
-        vocab = tokenizer.get_vocab()
-        ids += [vocab[t] for t in CHAT_END_TOKENS if t in vocab and vocab[t] not in ids]
-    return ids
+    return get_template(template).end_token_ids(tokenizer)

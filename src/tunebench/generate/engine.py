@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from tunebench.config import GenerateConfig
-from tunebench.data.templates import STOP_STRINGS, stop_token_ids
+from tunebench.data.templates import get_template, stop_token_ids
 from tunebench.data.tokens import encode_prompt, special_prefix
 
 EMPTY_RETRY_MIN_TOKENS = 8
@@ -28,7 +28,7 @@ class Answer:
 
 
 def stop_strings_for(config: GenerateConfig, template: str) -> list[str]:
-    return list(config.stop) if config.stop is not None else list(STOP_STRINGS.get(template, []))
+    return list(config.stop) if config.stop is not None else list(get_template(template).stop_strings)
 
 
 def clean_answer(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from tunebench.config import GenerateConfig
 from tunebench.errors import ModelError
 from tunebench.generate.engine import Answer, clean_answer, stop_strings_for
+from tunebench.train.methods import get_method
 
 
 class VllmGenerator:
@@ -32,7 +33,7 @@ class VllmGenerator:
             meta = json.loads((trained / "tunebench.json").read_text(encoding="utf-8"))
             run_template = meta.get("template")
             if (trained / "adapter_config.json").exists():
-                if meta["method"] not in ("lora", "qlora"):
+                if not get_method(meta["method"]).lora:
                     raise ModelError("vLLM serves LoRA adapters only; merge is impossible for prefix/prompt tuning")
                 from vllm.lora.request import LoRARequest
 

@@ -148,12 +148,12 @@ class LocalBackend:
     def __init__(self, target: str):
         from tunebench.config import GenerateConfig
         from tunebench.generate.engine import Generator
-        from tunebench.models.trained import load_for_inference
+        from tunebench.models.trained import load_for_inference, pick_template
 
         self.name = f"local:{target}"
         loaded = load_for_inference(target)
-        # A run judges with its own template; a plain model with its chat template, else the course one.
-        template = loaded.template or ("chat" if getattr(loaded.tokenizer, "chat_template", None) else "course")
+        # the same rule as generate: a run's own template, else a plain model's chat template
+        template = pick_template(loaded.template, None, loaded.tokenizer)
         self.generator = Generator(loaded.model, loaded.tokenizer, template,
                                    GenerateConfig(max_new_tokens=256, batch_size=1, repetition_penalty=1.0))
         self.lock = threading.Lock()

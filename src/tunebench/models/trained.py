@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tunebench.config import ModelConfig
+from tunebench.data.templates import TEMPLATE_NAMES
 from tunebench.errors import ConfigError
 from tunebench.models.load import load_base_model, pick_device
 from tunebench.models.tokenizer import load_tokenizer
@@ -41,7 +42,7 @@ def pick_template(loaded_template: str | None, requested: str | None, tokenizer)
         return requested
     if getattr(tokenizer, "chat_template", None):
         return "chat"
-    raise ConfigError("a plain model needs --template (course, alpaca-ja or chat): it has no chat template")
+    raise ConfigError(f"a plain model needs --template ({', '.join(TEMPLATE_NAMES)}): it has no chat template")
 
 
 def load_for_inference(target: str, dtype: torch.dtype | None = None, model_config: ModelConfig | None = None

@@ -16,6 +16,7 @@ from tunebench.errors import ModelError
 from tunebench.models.load import pick_device
 from tunebench.models.trained import find_trained, load_for_inference
 from tunebench.runs import write_json_atomic
+from tunebench.train.methods import get_method
 
 
 def merge(run_path: Path, out: Path | None = None, dtype: torch.dtype | None = None) -> Path:
@@ -23,7 +24,7 @@ def merge(run_path: Path, out: Path | None = None, dtype: torch.dtype | None = N
     if trained is None or not (trained / "adapter_config.json").exists():
         raise ModelError(f"{run_path}: no trained adapter found (train first; full fine-tuning needs no merge)")
     meta = json.loads((trained / "tunebench.json").read_text(encoding="utf-8"))
-    if meta["method"] not in ("lora", "qlora"):
+    if not get_method(meta["method"]).lora:
         raise ModelError(f"{meta['method']} adapters cannot be merged into the weights; only LoRA can")
     if dtype is None:
         dtype = torch.bfloat16 if pick_device().type == "cuda" else torch.float32

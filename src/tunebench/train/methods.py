@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
-from tunebench.config import TrainConfig
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 from tunebench.errors import ConfigError
 
-METHODS = ("qlora", "lora", "full", "prefix", "prompt")
+if TYPE_CHECKING:  # config reads the method names from here, so no import back at run time
+    from tunebench.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a train.method is, for every module that must treat methods differently."""
+
+    name: str
+    lora: bool = False  # low-rank adapters on linear layers: mergeable, offloadable, vLLM-servable
+    quantized: bool = False  # the frozen base is loaded in 4-bit (bitsandbytes NF4)
+    virtual_tokens: bool = False  # prepends trained tokens to every row: rows are never joined or packed
+
+    @property
+    def peft(self) -> bool:
+        """Saved as a peft adapter (else the whole model is saved)."""
+        return self.lora or self.virtual_tokens
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("qlora", lora=True, quantized=True),
+    Method("lora", lora=True),
+    Method("full"),
+    Method("prefix", virtual_tokens=True),
+    Method("prompt", virtual_tokens=True),
+)}
+METHOD_NAMES = tuple(METHODS)
+MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the config's type for train.method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"unknown train.method '{name}' (choose from: {', '.join(METHOD_NAMES)})")
+    return METHODS[name]
 
 
 def peft_config(train: TrainConfig):
     """The peft config for a method, or None for full fine-tuning."""
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
 
-    if train.method in ("qlora", "lora"):
+    method = get_method(train.method)
+    if method.lora:
         return LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
                           target_modules=train.target_modules, use_dora=train.use_dora,
                           use_rslora=train.use_rslora, bias="none", task_type=TaskType.CAUSAL_LM)
@@ -20,9 +56,7 @@ def peft_config(train: TrainConfig):
         return PrefixTuningConfig(num_virtual_tokens=train.num_virtual_tokens, task_type=TaskType.CAUSAL_LM)
     if train.method == "prompt":
         return PromptTuningConfig(num_virtual_tokens=train.num_virtual_tokens, task_type=TaskType.CAUSAL_LM)
-    if train.method == "full":
-        return None
-    raise ConfigError(f"unknown train.method '{train.method}' (choose from: {', '.join(METHODS)})")
+    return None  # full fine-tuning
 
 
 def make_trainable(model, train: TrainConfig):
@@ -37,7 +71,7 @@ def make_trainable(model, train: TrainConfig):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=train.gradient_checkpointing,
             gradient_checkpointing_kwargs=checkpointing)
-    elif train.gradient_checkpointing and train.method not in ("prefix", "prompt"):
+    elif train.gradient_checkpointing and not get_method(train.method).virtual_tokens:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if train.gradient_checkpointing and checkpointing["use_reentrant"]:
         model.enable_input_require_grads()  # re-entrant checkpoints pass gradients only to inputs that need them

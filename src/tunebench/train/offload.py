@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tunebench.errors import ConfigError
+from tunebench.train.methods import get_method
 
 ALIGN = 256  # bytes; every tensor's view starts aligned within its layer's buffer
 
@@ -186,7 +187,7 @@ def use_offload(setting: bool | None, model, method: str, checkpointing: bool, d
     With model None (before loading) only the method, checkpointing and process count are checked."""
     if setting is False:
         return False
-    if method not in ("qlora", "lora") or not checkpointing or world > 1:
+    if not get_method(method).lora or not checkpointing or world > 1:
         if setting:
             raise ConfigError("train.offload_frozen works with train.method qlora or lora, "
                               "train.gradient_checkpointing: true, on one process")

@@ -16,6 +16,7 @@ import yaml
 
 from tunebench.errors import ModelError
 from tunebench.models.trained import find_trained
+from tunebench.train.methods import get_method
 
 
 def model_card(meta: dict, config: dict, scores: dict | None, repo: str) -> str:
@@ -24,7 +25,7 @@ def model_card(meta: dict, config: dict, scores: dict | None, repo: str) -> str:
     data = config.get("data", {})
     base = meta["base_model"]
     front = {"base_model": base if not base.startswith("embedded:") else "google/gemma-3-270m",
-             "library_name": "peft" if meta["method"] in ("lora", "qlora", "prefix", "prompt") else "transformers",
+             "library_name": "peft" if get_method(meta["method"]).peft else "transformers",
              "language": ["ja"], "tags": ["tunebench", meta["method"], "sft"]}
     keys = ("method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "per_device_train_batch_size",
             "gradient_accumulation_steps", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler",
