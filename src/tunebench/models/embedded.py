@@ -16,7 +16,8 @@ from tunebench.errors import ModelError
 
 EMBEDDED_NAME = "embedded:gemma-3-270m"
 GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-CONVERTER = 2  # bumped when conversion changes, so older caches are converted again (2: BOS rule kept)
+CONVERTER = 3  # bumped when conversion changes, so older caches are converted again
+# (2: BOS rule kept; 3: tokenizer built from the GGUF by tunebench, checked against a fixture and an NLL bound)
 log = logging.getLogger(__name__)
 
 
@@ -28,20 +29,6 @@ def cache_root() -> Path:
 def checkpoint_dir() -> Path:
     """Where the converted embedded model lives in the cache."""
     return cache_root() / "models" / f"gemma-3-270m-{GGUF_SHA256[:16]}-c{CONVERTER}"
-
-
-def ensure_bos(tokenizer, model_type: str) -> None:
-    """Gemma is trained with BOS first; some transformers versions (5.17) read a GGUF tokenizer
-    without that rule, and the model without BOS is another model (answer loss 6.0 instead of 3.0
-    on megagon). Restore the rule where it went missing."""
-    bos = tokenizer.bos_token_id
-    if not model_type.startswith("gemma") or bos is None or tokenizer("a")["input_ids"][:1] == [bos]:
-        return
-    tokenizer.add_bos_token = True
-    if hasattr(tokenizer, "update_post_processor"):
-        tokenizer.update_post_processor()
-    if tokenizer("a")["input_ids"][:1] != [bos]:
-        raise ModelError("the converted Gemma tokenizer does not put BOS first and cannot be told to")
 
 
 def embedded_checkpoint() -> Path:
@@ -71,13 +58,13 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         import gguf  # noqa: F401  (transformers needs it to read GGUF)
     except ImportError as exc:
         raise ModelError("converting a GGUF model needs the package gguf: pip install gguf") from exc
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from tunebench.models.gemma_tokenizer import build_from_gguf
 
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype="float32"
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    ensure_bos(tokenizer, model.config.model_type)
     # A GGUF-loaded model carries a quantizer marker that makes save_pretrained refuse; the weights
     # are already dequantised, so the marker is stale and safe to clear.
     model.hf_quantizer = None
@@ -92,11 +79,32 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
+        # Not AutoTokenizer(gguf_file=...): its conversion differs between transformers versions (see gemma_tokenizer).
+        tokenizer = build_from_gguf(gguf_path, tmp)  # refuses a tokenizer that misses the fixture's ids
+        check_passage_nll(model, tokenizer)
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)  # a half-written conversion is never mistaken for a finished one
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_passage_nll(model, tokenizer) -> float:
+    """Refuse a conversion whose model reads the shipped passage badly: a wrong tokenizer (or wrong weights)
+    lifts the mean NLL from ~2.4 to 4.2 (no BOS) or 6 (transformers 5.17's tokenizer); the bound sits between."""
+    import torch
+    import transformers
+
+    from tunebench.models.gemma_tokenizer import load_fixture
+
+    fixture = load_fixture()
+    ids = torch.tensor([tokenizer(fixture["nll_passage"])["input_ids"]])
+    with torch.no_grad():  # one forward pass of ~200 tokens: a few seconds on a CPU
+        nll = model(input_ids=ids, labels=ids).loss.item()
+    if not nll < fixture["nll_bound"]:
+        raise ModelError(f"the converted embedded model reads the check passage with mean NLL {nll:.2f} "
+                         f"(bound {fixture['nll_bound']}) under transformers {transformers.__version__}: "
+                         "its tokenizer or weights are wrong; report this with the transformers version")
+    return nll
