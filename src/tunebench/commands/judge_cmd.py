@@ -37,7 +37,8 @@ def register(sub) -> None:
     judge.add_argument("--config", help="take judge settings from this config (default: the run's own)")
     add_overrides_arg(judge, "judge.concurrency=8")
     judge.add_argument("--n", type=int, default=50, help="calibrate: answers to sample")
-    judge.add_argument("--data", help="calibrate: judge-calibration folder (default: shared/data/judge-calibration)")
+    judge.add_argument("--data", help="calibrate: a folder of calibration JSONL files (default: the published scores "
+                       "shipped with tunebench)")
     judge.add_argument("--reference-judge", default="gpt-4-turbo-preview", help="calibrate: judge to compare with")
     judge.add_argument("--out", help="calibrate: output folder (default runs/calibration/<judge>)")
     judge.set_defaults(func=run_judge)
@@ -64,6 +65,9 @@ def judge_settings(args, run_config: Path | None):
                          ("concurrency", args.concurrency), ("requests_per_minute", args.rpm)):
         if value is not None:
             setattr(j, field, value)
+    from tunebench.config_checks import check_config
+
+    check_config(config)  # --concurrency 0 and the like, before any request
     if not j.judge:
         raise ConfigError("no judge configured: pass --judge BACKEND:MODEL (e.g. gemini:gemini-2.5-flash with "
                           "GEMINI_API_KEY set) or set judge.judge in the config")

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from tunebench import __version__
 from tunebench.config import Config
+from tunebench.config_checks import check_config
 from tunebench.data.batches import join_examples, pad_batch
 from tunebench.data.prepare import prepare, read_rows
 from tunebench.errors import ConfigError, DataError
@@ -85,12 +86,7 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
     """Fine-tune and return the folder holding the final adapter (or full model)."""
     t = config.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # settings that cannot work are refused before any data or model is loaded
-    use_answer_only_logits(t.answer_only_logits, None, t.method, world_size)
-    use_offload(t.offload_frozen, None, t.method, t.gradient_checkpointing, None, world_size)
-    if config.data.packing and t.method in ("prefix", "prompt"):
-        raise ConfigError("data.packing cannot be combined with prefix or prompt tuning "
-                          "(virtual tokens would be shared across packed examples)")
+    check_config(config, world_size)  # every problem at once, before any data or model is loaded
     set_seed(t.seed)
     dist = Dist(cpu=not torch.cuda.is_available())  # one process unless run under accelerate launch
     device = dist.device or pick_device()
