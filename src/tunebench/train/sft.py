@@ -34,7 +34,7 @@ from tunebench.data.prepare import prepare, read_rows
 from tunebench.errors import ConfigError, DataError
 from tunebench.models.load import compute_dtype, load_base_model, pick_device
 from tunebench.models.tokenizer import load_tokenizer
-from tunebench.runs import RunDir, append_jsonl, write_json_atomic
+from tunebench.runs import RunDir, append_jsonl, read_jsonl, write_json_atomic
 from tunebench.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunebench.train.distributed import Dist
 from tunebench.train.fingerprint import code_fingerprint
@@ -153,9 +153,8 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
                           "or choose another --run-dir")
     if run.metrics.exists() and dist.is_main:
         # Steps logged after the checkpoint we resume from will be trained (and logged) again.
-        kept = [line for line in run.metrics.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= start]
-        run.metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = [record for record in read_jsonl(run.metrics) if record["step"] <= start]
+        run.metrics.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
 
     accum = t.gradient_accumulation_steps
     # prefix/prompt tuning prepend virtual tokens to each row, so their rows are never joined
