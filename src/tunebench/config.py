@@ -140,7 +140,7 @@ class JudgeConfig:
     base_url: str | None = option(None, help="endpoint of an OpenAI-compatible server")
     api_key_env: str | None = option(None, help="name of the environment variable holding the key")
     concurrency: int = option(4, range="≥ 1", help="requests in flight at once")
-    requests_per_minute: int | None = option(None, range="≥ 1", help="rate cap; null: none")
+    requests_per_minute: int | None = option(None, range="≥ 1", help="requests per minute at most; null: no cap")
     max_retries: int = option(5, range="≥ 0", help="retries of a failed or unparsable reply")
     backoff_s: float = option(1.0, range="≥ 0", help="first retry pause; doubles each attempt, with jitter")
     timeout_s: float = option(120.0, range="> 0", help="seconds per request")
@@ -317,6 +317,11 @@ def describe_keys(cls: type = Config, prefix: str = "") -> list[KeyDoc]:
         if dataclasses.is_dataclass(item):
             docs += describe_keys(item, f"{key}[].")
     return docs
+
+
+def key_help(key: str) -> str:
+    """The help text of one dotted key, for a command-line flag that sets it."""
+    return next(doc.help for doc in describe_keys() if doc.key == key)
 
 
 def to_dict(config: Config) -> dict[str, Any]:

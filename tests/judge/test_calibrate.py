@@ -90,3 +90,21 @@ def test_shipped_calibration_data_is_the_documented_files_and_is_packaged():
         if path.is_file():
             relative = path.relative_to(package).as_posix()
             assert any(fnmatch.fnmatch(relative, p) and relative.count("/") == p.count("/") for p in patterns), relative
+
+
+def test_judge_calibrate_command_works_from_an_empty_folder(tmp_path, monkeypatch, capsys):
+    from tunebench.cli import main
+
+    from .fake_openai import FakeJudge
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    fake = FakeJudge()
+    try:
+        code = main(["judge", "calibrate", "--judge", "openai:fake-judge", "--base-url", fake.url, "--n", "4",
+                     "--reference-judge", "gpt-4o-mini"])
+    finally:
+        fake.stop()
+    out = capsys.readouterr().out
+    assert code == 0 and fake.total() == 4 and "vs gpt-4o-mini on 4 answers" in out
+    assert (tmp_path / "runs" / "calibration" / "openai_fake-judge" / "calibration.json").exists()

@@ -21,6 +21,7 @@ def register(sub) -> None:
     keys = config_sub.add_parser("keys", help="every key: type, default, allowed range, meaning",
                                  epilog="example: tunebench config keys train")
     keys.add_argument("section", nargs="?", help="only keys starting with this, e.g. train or generate.top")
+    keys.add_argument("--markdown", action="store_true", help="as the README's table (to regenerate it)")
     keys.set_defaults(func=run_keys)
 
     show = config_sub.add_parser(
@@ -47,6 +48,9 @@ def markdown_table(docs: list[KeyDoc]) -> str:
 
 def run_keys(args) -> int:
     docs = [d for d in describe_keys() if not args.section or d.key.startswith(args.section)]
+    if args.markdown:
+        print(markdown_table(docs), end="")
+        return 0
     for doc in docs:
         allowed = f", {doc.range}" if doc.range else ""
         print(f"{doc.key}  ({doc.type}{allowed}; default {format_default(doc.default)})\n    {doc.help}")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from tunebench.cli import add_overrides_arg
-from tunebench.config import load_config
+from tunebench.config import key_help, load_config
 from tunebench.errors import ConfigError
 
 JUDGE_EPILOG = """examples:
@@ -30,10 +30,10 @@ def register(sub) -> None:
     judge.add_argument("--tasks", help="task set the answers belong to (default: the run's generate.tasks)")
     judge.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     judge.add_argument("--api-key-env", help="environment variable holding the API key")
-    judge.add_argument("--samples", type=int, help="judgments per answer (mean and spread reported)")
-    judge.add_argument("--temperature", type=float)
-    judge.add_argument("--concurrency", type=int)
-    judge.add_argument("--rpm", type=int, help="requests-per-minute cap")
+    judge.add_argument("--samples", type=int, help=key_help("judge.samples"))
+    judge.add_argument("--temperature", type=float, help=key_help("judge.temperature"))
+    judge.add_argument("--concurrency", type=int, help=key_help("judge.concurrency"))
+    judge.add_argument("--rpm", type=int, help=key_help("judge.requests_per_minute"))
     judge.add_argument("--config", help="take judge settings from this config (default: the run's own)")
     add_overrides_arg(judge, "judge.concurrency=8")
     judge.add_argument("--n", type=int, default=50, help="calibrate: answers to sample")
