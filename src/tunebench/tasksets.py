@@ -1,4 +1,4 @@
-"""Named evaluation task sets (ELYZA-tasks-100 shipped, ELYZA-tasks-100-TV found locally) and task files."""
+"""Named evaluation task sets (ELYZA-tasks-100 shipped, ELYZA-tasks-100-TV added once by the user) and task files."""
 
 from __future__ import annotations
 
@@ -9,10 +9,15 @@ from importlib.resources import files
 from pathlib import Path
 
 from tunebench.errors import DataError
+from tunebench.models.embedded import cache_root
 
 BUILTIN_DIR = Path(str(files("tunebench").joinpath("builtin")))
-# The TV set has no stated licence, so it is not shipped: look for the course's copy nearby.
-TV_RELATIVE = Path("shared/data/elyza-tasks-100-tv/tasks.jsonl")
+SHIPPED = {"elyza-tasks-100": "elyza-tasks-100.jsonl"}
+# The TV set has no stated licence, so it is not shipped: the user adds a copy once (`tunebench tasks
+# add`), which lands in tunebench's cache, or names it in TUNEBENCH_TV_TASKS. name → (env var, task count).
+ADDABLE = {"elyza-tasks-100-tv": ("TUNEBENCH_TV_TASKS", 100)}
+ADD_HINT = ("add your copy once with `tunebench tasks add {name} FILE`, set {env}=FILE, "
+            "or pass --tasks FILE (generate.tasks in a config)")
 
 
 @dataclass(frozen=True)
@@ -23,29 +28,38 @@ class Task:
     eval_aspect: str | None = None  # ELYZA-tasks-100's grading notes
 
 
+def added_task_file(name: str) -> Path:
+    """Where `tunebench tasks add NAME FILE` keeps its copy."""
+    return cache_root() / "tasks" / f"{name}.jsonl"
+
+
+def find_task_set(name: str) -> tuple[Path | None, str]:
+    """(file, how it was found) for a task-set name; file is None when an addable set is missing."""
+    if name in SHIPPED:
+        return BUILTIN_DIR / SHIPPED[name], "shipped"
+    env, _ = ADDABLE[name]
+    if os.environ.get(env):
+        path = Path(os.environ[env])
+        if not path.is_file():
+            raise DataError(f"{path}: no such file (from ${env})")
+        return path, f"${env}"
+    added = added_task_file(name)
+    return (added, "added") if added.is_file() else (None, "not added")
+
+
 def resolve_task_file(name_or_path: str) -> Path:
     """Map a task-set name ("elyza-tasks-100", "elyza-tasks-100-tv") or a path to a JSONL file."""
     name = name_or_path.removeprefix("builtin:")
-    if name == "elyza-tasks-100":
-        return BUILTIN_DIR / "elyza-tasks-100.jsonl"
-    if name == "elyza-tasks-100-tv":
-        candidates = []
-        if os.environ.get("TUNEBENCH_TV_TASKS"):
-            candidates.append(Path(os.environ["TUNEBENCH_TV_TASKS"]))
-        here = Path.cwd().resolve()
-        for folder in (here, *here.parents):
-            candidates.append(folder / TV_RELATIVE)
-        for candidate in candidates:
-            if candidate.is_file():
-                return candidate
-        raise DataError(
-            "ELYZA-tasks-100-TV is not shipped (no licence): pass --tasks PATH/TO/tasks.jsonl, "
-            f"set TUNEBENCH_TV_TASKS, or place it at ./{TV_RELATIVE}"
-        )
+    if name in SHIPPED or name in ADDABLE:
+        path, _ = find_task_set(name)
+        if path is None:
+            env, _ = ADDABLE[name]
+            raise DataError(f"{name} is not shipped (no licence): " + ADD_HINT.format(name=name, env=env))
+        return path
     path = Path(name_or_path)
     if not path.is_file():
         raise DataError(f"{name_or_path}: no such task file or task-set name "
-                        "(names: elyza-tasks-100, elyza-tasks-100-tv)")
+                        f"(names: {', '.join([*SHIPPED, *ADDABLE])}; `tunebench tasks list` shows them)")
     return path
 
 
@@ -72,7 +86,11 @@ def read_records(path: Path, required: tuple[str, ...], hint: str = "") -> list[
 
 def load_tasks(name_or_path: str) -> list[Task]:
     """Read a task JSONL with `task_id` and `input` (and optional `output`, `eval_aspect`)."""
-    path = resolve_task_file(name_or_path)
+    return read_task_file(resolve_task_file(name_or_path))
+
+
+def read_task_file(path: Path) -> list[Task]:
+    """The tasks of one JSONL file; any bad line is a DataError naming file, line and field."""
     tasks: list[Task] = []
     seen: dict[object, int] = {}
     for line_no, row in read_records(path, ("task_id", "input")):
@@ -85,3 +103,33 @@ def load_tasks(name_or_path: str) -> list[Task]:
     if not tasks:
         raise DataError(f"{path}: no tasks in file")
     return tasks
+
+
+def add_task_set(name: str, source: Path) -> Path:
+    """Check `source` as task set `name` and keep a copy in tunebench's cache; returns the copy."""
+    if name not in ADDABLE:
+        raise DataError(f"{name}: not a task set that can be added (names: {', '.join(ADDABLE)})")
+    if not source.is_file():
+        raise DataError(f"{source}: no such file")
+    tasks = read_task_file(source)
+    _, expected = ADDABLE[name]
+    if len(tasks) != expected:
+        raise DataError(f"{source}: {len(tasks)} tasks, but {name} has {expected}; is this the right file?")
+    target = added_task_file(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(source.read_bytes())
+    os.replace(tmp, target)
+    return target
+
+
+def list_task_sets() -> list[tuple[str, str, Path | None]]:
+    """(name, how it is found, file) for every named task set, shipped or addable."""
+    rows = []
+    for name in [*SHIPPED, *ADDABLE]:
+        try:
+            path, how = find_task_set(name)
+        except DataError as exc:
+            path, how = None, str(exc)
+        rows.append((name, how, path))
+    return rows

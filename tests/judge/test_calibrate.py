@@ -49,3 +49,62 @@ def test_calibrate_reports_agreement_with_reference_judge(tmp_path):
     assert result["n"] == 4 and result["sampled"] == 4  # the row without a reference score is not sampled
     assert result["exact"] == 0.5 and result["within_1"] == 0.75 and result["mean_bias"] == pytest.approx(-0.25)
     assert json.loads((tmp_path / "out" / "calibration.json").read_text())["n"] == 4
+
+
+class ConstantJudge:
+    name = "test:constant"
+
+    def complete(self, prompt, temperature):
+        return "理由。\n評価: 3"
+
+
+def test_calibrate_uses_the_shipped_data_from_any_folder(tmp_path, monkeypatch):
+    """No --data and no course folder anywhere above the working directory: the shipped scores serve."""
+    monkeypatch.chdir(tmp_path)
+    result = calibrate(JudgeConfig(judge="openai:x"), n=6, out_dir=tmp_path / "out", reference_judge="gpt-4o-mini",
+                       backend=ConstantJudge(), progress=False)
+    assert result["sampled"] == 6 and result["n"] == 6 and result["unscored"] == 0
+    assert json.loads((tmp_path / "out" / "calibration.json").read_text())["reference_judge"] == "gpt-4o-mini"
+
+
+def test_shipped_calibration_data_is_the_documented_files_and_is_packaged():
+    """Each shipped .jsonl.gz decompresses to the file whose sha256 PROVENANCE.md records, and
+    pyproject's package-data ships every file of builtin/ (so it is there after `pip install`)."""
+    import fnmatch
+    import gzip
+    import hashlib
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from tunebench.judge.calibrate import DEFAULT_FILES, SHIPPED_DIR
+
+    provenance = (SHIPPED_DIR / "PROVENANCE.md").read_text(encoding="utf-8")
+    for name in DEFAULT_FILES:
+        digest = hashlib.sha256(gzip.decompress((SHIPPED_DIR / f"{name}.gz").read_bytes())).hexdigest()
+        assert re.search(rf"`{re.escape(name)}` {digest}", provenance), name
+    assert sum(p.stat().st_size for p in SHIPPED_DIR.iterdir()) < 2_000_000
+    patterns = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["tunebench"]
+    package = SHIPPED_DIR.parents[1]
+    for path in (package / "builtin").rglob("*"):
+        if path.is_file():
+            relative = path.relative_to(package).as_posix()
+            assert any(fnmatch.fnmatch(relative, p) and relative.count("/") == p.count("/") for p in patterns), relative
+
+
+def test_judge_calibrate_command_works_from_an_empty_folder(tmp_path, monkeypatch, capsys):
+    from tunebench.cli import main
+
+    from .fake_openai import FakeJudge
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    fake = FakeJudge()
+    try:
+        code = main(["judge", "calibrate", "--judge", "openai:fake-judge", "--base-url", fake.url, "--n", "4",
+                     "--reference-judge", "gpt-4o-mini"])
+    finally:
+        fake.stop()
+    out = capsys.readouterr().out
+    assert code == 0 and fake.total() == 4 and "vs gpt-4o-mini on 4 answers" in out
+    assert (tmp_path / "runs" / "calibration" / "openai_fake-judge" / "calibration.json").exists()

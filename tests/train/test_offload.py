@@ -82,6 +82,10 @@ def test_offload_refuses_what_it_cannot_stream(tmp_path):
     from tunebench.train.sft import train
 
     for extra in (["train.method=full"], ["train.method=lora", "train.gradient_checkpointing=false"]):
-        config = load_config(None, ["train.offload_frozen=true", *extra])
-        with pytest.raises(ConfigError, match="offload_frozen works with"):
+        with pytest.raises(ConfigError, match="'train.offload_frozen': it works with"):  # at load time
+            load_config(None, ["train.offload_frozen=true", *extra])
+        config = load_config(None, extra)
+        config.train.offload_frozen = True  # a config built in code is checked by train itself
+        with pytest.raises(ConfigError, match="'train.offload_frozen': it works with"):
             train(config, RunDir(tmp_path / "run"))
+    assert not (tmp_path / "run" / "data").exists()  # refused before any work

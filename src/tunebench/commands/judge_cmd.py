@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from tunebench.commands.options import add_overrides_arg
-from tunebench.config import load_config
+from tunebench.config import key_help, load_config
 from tunebench.data.templates import TEMPLATE_NAMES
 from tunebench.errors import ConfigError
 
@@ -31,14 +31,15 @@ def register(sub) -> None:
     judge.add_argument("--tasks", help="task set the answers belong to (default: the run's generate.tasks)")
     judge.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     judge.add_argument("--api-key-env", help="environment variable holding the API key")
-    judge.add_argument("--samples", type=int, help="judgments per answer (mean and spread reported)")
-    judge.add_argument("--temperature", type=float)
-    judge.add_argument("--concurrency", type=int)
-    judge.add_argument("--rpm", type=int, help="requests-per-minute cap")
+    judge.add_argument("--samples", type=int, help=key_help("judge.samples"))
+    judge.add_argument("--temperature", type=float, help=key_help("judge.temperature"))
+    judge.add_argument("--concurrency", type=int, help=key_help("judge.concurrency"))
+    judge.add_argument("--rpm", type=int, help=key_help("judge.requests_per_minute"))
     judge.add_argument("--config", help="take judge settings from this config (default: the run's own)")
     add_overrides_arg(judge, "judge.concurrency=8")
     judge.add_argument("--n", type=int, default=50, help="calibrate: answers to sample")
-    judge.add_argument("--data", help="calibrate: judge-calibration folder (default: shared/data/judge-calibration)")
+    judge.add_argument("--data", help="calibrate: a folder of calibration JSONL files (default: the published scores "
+                       "shipped with tunebench)")
     judge.add_argument("--reference-judge", default="gpt-4-turbo-preview", help="calibrate: judge to compare with")
     judge.add_argument("--out", help="calibrate: output folder (default runs/calibration/<judge>)")
     judge.set_defaults(func=run_judge)
@@ -65,6 +66,9 @@ def judge_settings(args, run_config: Path | None):
                          ("concurrency", args.concurrency), ("requests_per_minute", args.rpm)):
         if value is not None:
             setattr(j, field, value)
+    from tunebench.config_checks import check_config
+
+    check_config(config)  # --concurrency 0 and the like, before any request
     if not j.judge:
         raise ConfigError("no judge configured: pass --judge BACKEND:MODEL (e.g. gemini:gemini-2.5-flash with "
                           "GEMINI_API_KEY set) or set judge.judge in the config")

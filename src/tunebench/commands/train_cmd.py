@@ -48,7 +48,10 @@ def run_train(args) -> int:
     import os
 
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        from tunebench.config_checks import check_config
         from tunebench.train.distributed import launch
+
+        check_config(load_config(args.config, args.overrides), args.gpus)  # refused before any process starts
 
         argv = [args.config] + [f"--set={o}" for o in args.overrides]
         argv += [f"--run-dir={args.run_dir}"] if args.run_dir else []

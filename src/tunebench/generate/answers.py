@@ -19,7 +19,7 @@ from tunebench.errors import ConfigError
 from tunebench.generate.engine import Generator
 from tunebench.generate.validate import validate_and_record
 from tunebench.models.trained import pick_template
-from tunebench.runs import append_jsonl
+from tunebench.runs import append_jsonl, read_jsonl
 from tunebench.tasksets import load_tasks
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,7 @@ class GenerateResult:
 def read_partial(path: Path, inputs: dict) -> dict:
     """Answers already written by an earlier (interrupted) run, keyed by task_id."""
     done = {}
-    if not path.exists():
-        return done
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash: that task is simply answered again
+    for row in read_jsonl(path):  # a line cut by a crash is skipped: that task is answered again
         if inputs.get(row.get("task_id")) == row.get("input") and isinstance(row.get("output"), str):
             done[row["task_id"]] = row
     return done

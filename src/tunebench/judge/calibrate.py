@@ -1,11 +1,13 @@
 """`tunebench judge calibrate`: how far a judge agrees with published GPT-4-class ELYZA scores.
 
-Re-scores a seeded sample of published ELYZA-tasks-100 answers (shared/data/judge-calibration)
-with the user's judge and the reference rubric, and compares with a reference judge's scores.
+Re-scores a seeded sample of published ELYZA-tasks-100 answers (shipped, gzip-compressed, in
+builtin/judge-calibration; sources and licences in its PROVENANCE.md) with the user's judge and the
+reference rubric, and compares with a reference judge's scores.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from pathlib import Path
@@ -17,36 +19,43 @@ from tunebench.judge.rubric import load_rubric
 from tunebench.judge.runner import Item, JudgeRunner
 from tunebench.judge.stats import agreement
 from tunebench.runs import write_json_atomic
-from tunebench.tasksets import load_tasks
+from tunebench.tasksets import BUILTIN_DIR, load_tasks
 
-CALIBRATION_RELATIVE = Path("shared/data/judge-calibration")
+SHIPPED_DIR = BUILTIN_DIR / "judge-calibration"
 DEFAULT_FILES = ("shaberi_elyza100.jsonl", "bench_elyza_gpt-4o-mini.jsonl", "nss_gpt4-autoeval_command-r-plus.jsonl")
 
 
 def find_calibration_dir(explicit: str | None) -> Path:
-    if explicit:
-        path = Path(explicit)
-        if not path.is_dir():
-            raise DataError(f"{explicit}: calibration folder not found")
-        return path
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / CALIBRATION_RELATIVE).is_dir():
-            return folder / CALIBRATION_RELATIVE
-    raise DataError(f"no judge-calibration data: pass --data DIR (a folder like ./{CALIBRATION_RELATIVE})")
+    """--data DIR if given, else the published scores shipped with tunebench."""
+    if explicit is None:
+        return SHIPPED_DIR
+    path = Path(explicit)
+    if not path.is_dir():
+        raise DataError(f"{explicit}: calibration folder not found (leave out --data to use the shipped data)")
+    return path
+
+
+def open_calibration_file(folder: Path, name: str):
+    """The text of NAME or NAME.gz in `folder` (the shipped files are compressed), or None."""
+    if (folder / name).exists():
+        return (folder / name).open(encoding="utf-8")
+    if (folder / f"{name}.gz").exists():
+        return gzip.open(folder / f"{name}.gz", "rt", encoding="utf-8")
+    return None
 
 
 def load_calibration_rows(folder: Path, reference_judge: str) -> list[dict]:
     """Rows whose `scores` carry the reference judge's score."""
     rows = []
     for name in DEFAULT_FILES:
-        path = folder / name
-        if not path.exists():
+        handle = open_calibration_file(folder, name)
+        if handle is None:
             continue
-        for line_no, line in enumerate(path.open(encoding="utf-8"), start=1):
-            row = json.loads(line)
-            if row.get("scores", {}).get(reference_judge) is not None:
-                rows.append({**row, "origin": f"{path}:{line_no}"})
+        with handle:
+            for line_no, line in enumerate(handle, start=1):
+                row = json.loads(line)
+                if row.get("scores", {}).get(reference_judge) is not None:
+                    rows.append({**row, "origin": f"{folder / name}:{line_no}"})
     if not rows:
         raise DataError(f"{folder}: no rows scored by '{reference_judge}' (see PROVENANCE.md for judge names)")
     return rows

@@ -7,7 +7,6 @@ re-judged alone. A reply with no parsable score is retried, then stored unscored
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -21,7 +20,7 @@ from tqdm import tqdm
 from tunebench.judge.backends import EmptyReply, JudgeBackend, TransientError
 from tunebench.judge.parse import parse_score, reason_of
 from tunebench.judge.rubric import fill, text_hash
-from tunebench.runs import append_jsonl
+from tunebench.runs import append_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +59,8 @@ def cache_key(judge: str, prompt_hash: str, answer_hash: str, sample: int) -> st
 
 
 def load_cache(path: Path) -> dict[str, dict]:
-    cache: dict[str, dict] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash: judged again
-            cache[record["key"]] = record
-    return cache
+    # a line cut by a crash is skipped (judged again), and cut away before the next append
+    return {record["key"]: record for record in read_jsonl(path)}
 
 
 class JudgeRunner:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from html import escape
 from pathlib import Path
 
 from tunebench.report.collect import RunRecord, config_differences, load_run, wins_and_losses
 from tunebench.report.svg import line_chart
+
+log = logging.getLogger(__name__)
 
 STYLE = """
 body{font-family:system-ui,'Noto Sans CJK JP',sans-serif;margin:2em;max-width:1200px;color:#111}
@@ -67,6 +70,7 @@ def render_html(runs: list[RunRecord]) -> str:
     title = "tunebench report: " + " vs ".join(r.name for r in runs)
     parts = [f"<!doctype html><html lang='ja'><head><meta charset='utf-8'><title>{escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>"]
+    parts.append(defects_html(runs))
     parts.append("<h2>Scores</h2>" + html_table(SUMMARY_HEAD, summary_rows(runs), "score-table"))
     parts.append("<h2>Training loss</h2>")
     parts.append(line_chart({r.name: [(s, v) for s, v in r.losses] for r in runs}, "training loss (answer tokens)",
@@ -109,20 +113,36 @@ def per_task_table(runs: list[RunRecord]) -> str:
     rows = []
     for task_id in task_ids:
         first = next(r.predictions[task_id] for r in runs if task_id in r.predictions)
-        cells = [escape(str(task_id)), f'<div class="answer">{escape(first["input"][:300])}</div>']
+        cells = [escape(str(task_id)), f'<div class="answer">{escape(str(first.get("input"))[:300])}</div>']
         for run in runs:
             pred = run.predictions.get(task_id)
             score = run.task_scores.get(task_id)
-            text = escape(pred["output"]) if pred else "<em>missing</em>"
+            text = answer_html(pred)
             cells.append(f'<div class="answer"><b>{fmt(score, 2)}</b>\n{text}</div>')
         rows.append(cells)
     return html_table(head, rows, "task-table", raw_cols=set(range(len(head))))
+
+
+def answer_html(pred: dict | None) -> str:
+    if pred is None:
+        return "<em>missing</em>"
+    output = pred.get("output")
+    return escape(output) if isinstance(output, str) else f"<em>not a string: {escape(repr(output)[:200])}</em>"
+
+
+def defects_html(runs: list[RunRecord]) -> str:
+    defects = [d for r in runs for d in r.defects]
+    if not defects:
+        return ""
+    return ("<h2 class='bad'>Problems in the run files</h2><ul>" + "".join(f"<li>{escape(d)}</li>" for d in defects)
+            + "</ul>")
 
 
 def render_markdown(runs: list[RunRecord]) -> str:
     lines = ["# tunebench report: " + " vs ".join(r.name for r in runs), "",
              "| " + " | ".join(SUMMARY_HEAD) + " |", "|" + "---|" * len(SUMMARY_HEAD)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in summary_rows(runs)]
+    lines += [""] + [f"- problem: {d}" for r in runs for d in r.defects]
     if len(runs) >= 2:
         wins, losses = wins_and_losses(runs[0], runs[1])
         lines += ["", f"Biggest wins of {runs[1].name}: " + (", ".join(f"task {t} ({d:+.1f})" for t, _, _, d in wins) or "none"),
@@ -131,7 +151,10 @@ def render_markdown(runs: list[RunRecord]) -> str:
 
 
 def write_report(roots: list[Path], out_dir: Path) -> tuple[Path, Path]:
+    """Write report.html and report.md; problems in the run files are listed in both and logged."""
     runs = [load_run(Path(root)) for root in roots]
+    for defect in (d for r in runs for d in r.defects):
+        log.warning("%s", defect)
     out_dir.mkdir(parents=True, exist_ok=True)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     html_path.write_text(render_html(runs), encoding="utf-8")

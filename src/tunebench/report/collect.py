@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from tunebench.runs import read_jsonl
+
 
 @dataclass
 class RunRecord:
@@ -22,6 +24,7 @@ class RunRecord:
     scores: dict[str, Any] | None = None
     nll: dict[str, Any] | None = None
     validation: dict[str, Any] | None = None
+    defects: list[str] = field(default_factory=list)  # what the report could not use, file:line first
 
     @property
     def losses(self) -> list[tuple[int, float]]:
@@ -36,7 +39,7 @@ class RunRecord:
         return {row["task_id"]: row["score"] for row in (self.scores or {}).get("per_task", [])}
 
     def answer_lengths(self) -> dict[str, float]:
-        lengths = [len(p["output"]) for p in self.predictions.values()]
+        lengths = [len(p["output"]) for p in self.predictions.values() if isinstance(p.get("output"), str)]
         if not lengths:
             return {}
         return {"n": len(lengths), "mean": statistics.fmean(lengths), "median": statistics.median(lengths),
@@ -53,25 +56,39 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+def read_predictions(path: Path) -> tuple[dict[Any, dict], list[str]]:
+    """The submission's rows by task_id, and its defects worded as `tunebench validate` words them:
+    a report shows a broken row instead of failing on it."""
+    rows: dict[Any, dict] = {}
+    defects: list[str] = []
+    lines = path.read_bytes().splitlines() if path.exists() else []
+    for line_no, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
-    return rows
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            defects.append(f"{path}:{line_no}: not valid UTF-8 JSON; the line is left out")
+            continue
+        if not isinstance(row, dict) or "task_id" not in row:
+            defects.append(f"{path}:{line_no}: not a JSON object with a task_id; the line is left out")
+            continue
+        for key in ("input", "output"):
+            if not isinstance(row.get(key), str):
+                defects.append(f"{path}:{line_no}: task_id {row['task_id']}: field '{key}' must be a string, "
+                               f"got {type(row.get(key)).__name__}")
+        rows[row["task_id"]] = row
+    return rows, defects
 
 
 def load_run(root: Path) -> RunRecord:
     config = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8")) if (root / "config.yaml").exists() else {}
+    predictions, defects = read_predictions(root / "predictions.jsonl")
     return RunRecord(
         name=(config or {}).get("name") or root.name, root=root, config=config or {},
         data_summary=read_json(root / "data" / "summary.json") or {},
         metrics=read_jsonl(root / "metrics.jsonl"),
-        predictions={p["task_id"]: p for p in read_jsonl(root / "predictions.jsonl") if "task_id" in p},
+        predictions=predictions, defects=defects,
         scores=read_json(root / "scores.json"), nll=read_json(root / "nll.json"),
         validation=read_json(root / "validation.json"))
 

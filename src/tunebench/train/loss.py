@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunebench.config_checks import answer_only_logits_refusal
 from tunebench.data.batches import pad_batch
 from tunebench.data.tokens import IGNORE
 from tunebench.errors import ConfigError
-from tunebench.train.methods import get_method
 
 # Model types whose logits are exactly the output layer on the decoder's last hidden state (Gemma
 # adds the soft-capping handled below). Others may rescale logits (Cohere's logit_scale, Granite's
@@ -37,11 +37,8 @@ def use_answer_only_logits(setting: bool | None, model, method: str, world: int)
         return False
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     kind = getattr(getattr(causal, "config", None), "model_type", None)
-    why = None
-    if get_method(method).virtual_tokens or world > 1:
-        why = ("it works with lora, qlora and full on one process (it calls the decoder directly, past "
-               "peft's virtual tokens and DDP's hooks)")
-    elif model is not None and kind not in PLAIN_LOGITS:
+    why = answer_only_logits_refusal(method, world)
+    if why is None and model is not None and kind not in PLAIN_LOGITS:
         why = (f"it is verified only for model types {sorted(PLAIN_LOGITS)}; this model is '{kind}' "
                "(it may rescale its logits)")
     if why and setting:

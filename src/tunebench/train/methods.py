@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -63,6 +64,8 @@ def make_trainable(model, train: TrainConfig):
     """Attach the method's adapters (or unfreeze everything for full) and set up checkpointing."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if train.method in ("qlora", "lora"):
+        check_target_modules(model, train.target_modules)
     # Frozen-weight offload needs the re-entrant form (see train/offload.py); otherwise the
     # non-re-entrant one, which needs no inputs that require grad.
     checkpointing = {"use_reentrant": train.offload_frozen}
@@ -81,6 +84,27 @@ def make_trainable(model, train: TrainConfig):
             param.requires_grad_(True)
         return model
     return get_peft_model(model, config)
+
+
+def check_target_modules(model, target_modules: list[str] | str) -> None:
+    """Refuse target module names this model does not have, naming its linear modules (peft would
+    raise a library traceback). A list matches a module by its name's last parts, a string other
+    than all-linear is a regular expression over full names: peft's rules."""
+    import torch
+
+    names = [name for name, _ in model.named_modules() if name]
+    if target_modules == "all-linear":
+        return
+    if isinstance(target_modules, str):
+        missing = [] if any(re.fullmatch(target_modules, n) for n in names) else [target_modules]
+    else:
+        missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        raise ConfigError(f"train.target_modules: this model has no module named "
+                          f"{', '.join(map(repr, missing))} (its linear modules: {', '.join(linear)}; "
+                          "or all-linear)")
 
 
 def count_parameters(model) -> tuple[int, int]:

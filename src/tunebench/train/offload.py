@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tunebench.config_checks import offload_refusal
 from tunebench.errors import ConfigError
-from tunebench.train.methods import get_method
 
 ALIGN = 256  # bytes; every tensor's view starts aligned within its layer's buffer
 
@@ -187,10 +187,9 @@ def use_offload(setting: bool | None, model, method: str, checkpointing: bool, d
     With model None (before loading) only the method, checkpointing and process count are checked."""
     if setting is False:
         return False
-    if not get_method(method).lora or not checkpointing or world > 1:
+    if why := offload_refusal(method, checkpointing, world):
         if setting:
-            raise ConfigError("train.offload_frozen works with train.method qlora or lora, "
-                              "train.gradient_checkpointing: true, on one process")
+            raise ConfigError(f"train.offload_frozen: {why}")
         return False
     if setting:
         return True

@@ -28,12 +28,13 @@ from tqdm import tqdm
 
 from tunebench import __version__
 from tunebench.config import Config
+from tunebench.config_checks import check_config
 from tunebench.data.batches import join_examples, pad_batch
 from tunebench.data.prepare import prepare, read_rows
 from tunebench.errors import ConfigError, DataError
 from tunebench.models.load import compute_dtype, load_base_model, pick_device
 from tunebench.models.tokenizer import load_tokenizer
-from tunebench.runs import RunDir, append_jsonl, write_json_atomic
+from tunebench.runs import RunDir, append_jsonl, read_jsonl, write_json_atomic
 from tunebench.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunebench.train.distributed import Dist
 from tunebench.train.fingerprint import code_fingerprint
@@ -85,12 +86,7 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
     """Fine-tune and return the folder holding the final adapter (or full model)."""
     t = config.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # settings that cannot work are refused before any data or model is loaded
-    use_answer_only_logits(t.answer_only_logits, None, t.method, world_size)
-    use_offload(t.offload_frozen, None, t.method, t.gradient_checkpointing, None, world_size)
-    if config.data.packing and t.method in ("prefix", "prompt"):
-        raise ConfigError("data.packing cannot be combined with prefix or prompt tuning "
-                          "(virtual tokens would be shared across packed examples)")
+    check_config(config, world_size)  # every problem at once, before any data or model is loaded
     set_seed(t.seed)
     dist = Dist(cpu=not torch.cuda.is_available())  # one process unless run under accelerate launch
     device = dist.device or pick_device()
@@ -157,9 +153,8 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
                           "or choose another --run-dir")
     if run.metrics.exists() and dist.is_main:
         # Steps logged after the checkpoint we resume from will be trained (and logged) again.
-        kept = [line for line in run.metrics.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= start]
-        run.metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = [record for record in read_jsonl(run.metrics) if record["step"] <= start]
+        run.metrics.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
 
     accum = t.gradient_accumulation_steps
     # prefix/prompt tuning prepend virtual tokens to each row, so their rows are never joined

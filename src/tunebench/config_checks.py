@@ -1,0 +1,96 @@
+"""Checks of a whole config before any work starts: every numeric key against its stated range, and
+the combinations of settings that cannot work together. Each problem is one line naming the key.
+
+The automatic settings (`train.answer_only_logits`, `train.offload_frozen`) are decided later, once
+the model is loaded (train/loss.py, train/offload.py); the refusals that need no model live here,
+and those modules ask the same rules, so a setting is refused by one rule in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import TYPE_CHECKING, Any
+
+from tunebench.errors import ConfigError
+from tunebench.train.methods import get_method
+
+if TYPE_CHECKING:
+    from tunebench.config import Config
+
+BOUND = re.compile(r"^(≥|>)\s*(\S+)$")
+INTERVAL = re.compile(r"^([\[(])\s*([^,]+),\s*([^\])]+)([\])])$")
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Whether `value` lies in a range written as "≥ 1", "> 0", "[0, 1)", "(0, 1]" or "[0, 2]"."""
+    if match := BOUND.match(spec):
+        low = float(match.group(2))
+        return value >= low if match.group(1) == "≥" else value > low
+    if match := INTERVAL.match(spec):
+        opening, low, high, closing = match.group(1), float(match.group(2)), float(match.group(3)), match.group(4)
+        above = value >= low if opening == "[" else value > low
+        below = value <= high if closing == "]" else value < high
+        return above and below
+    raise ValueError(f"unreadable range {spec!r}")
+
+
+def range_problems(section: Any, prefix: str) -> list[str]:
+    """`key: must be RANGE, got VALUE` for each numeric field of `section` (a config dataclass,
+    nested ones included) whose value is outside its metadata range; null is always allowed."""
+    problems = []
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            problems += range_problems(value, f"{key}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    problems += range_problems(item, f"{key}[{i}].")
+        spec = f.metadata.get("range")
+        if spec and isinstance(value, (int, float)) and not isinstance(value, bool) and not in_range(value, spec):
+            problems.append(f"'{key}' must be {'in ' if spec[0] in '[(' else ''}{spec}, got {value!r}")
+    return problems
+
+
+def answer_only_logits_refusal(method: str, world: int) -> str | None:
+    """Why train.answer_only_logits cannot run with this method and process count (None: it can)."""
+    if get_method(method).virtual_tokens or world > 1:
+        return ("it works with lora, qlora and full on one process (it calls the decoder directly, past "
+                "peft's virtual tokens and DDP's hooks)")
+    return None
+
+
+def offload_refusal(method: str, checkpointing: bool, world: int) -> str | None:
+    """Why train.offload_frozen cannot run with these settings (None: it can)."""
+    if not get_method(method).lora or not checkpointing or world > 1:
+        return "it works with train.method qlora or lora, train.gradient_checkpointing: true, on one process"
+    return None
+
+
+def combination_problems(config: Config, world_size: int) -> list[str]:
+    """Settings that are each valid but cannot work together."""
+    t, problems = config.train, []
+    if config.data.packing and get_method(t.method).virtual_tokens:
+        problems.append("'data.packing' cannot be combined with prefix or prompt tuning (train.method): "
+                        "virtual tokens would be shared across packed examples")
+    if t.answer_only_logits and (why := answer_only_logits_refusal(t.method, world_size)):
+        problems.append(f"'train.answer_only_logits': {why}; set it to false or leave it null")
+    if t.offload_frozen and (why := offload_refusal(t.method, t.gradient_checkpointing, world_size)):
+        problems.append(f"'train.offload_frozen': {why}; set it to false or leave it null")
+    if config.generate.do_sample and config.generate.temperature == 0:
+        problems.append("'generate.temperature' must be > 0 with generate.do_sample: true "
+                        "(for greedy answers set do_sample: false)")
+    return problems
+
+
+def config_problems(config: Config, world_size: int = 1) -> list[str]:
+    """Every range and combination problem of `config`, one line each."""
+    return range_problems(config, "") + combination_problems(config, world_size)
+
+
+def check_config(config: Config, world_size: int = 1) -> None:
+    """Raise one ConfigError listing every problem of `config` on `world_size` processes."""
+    problems = config_problems(config, world_size)
+    if problems:
+        raise ConfigError("\n".join(problems))
