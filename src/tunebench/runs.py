@@ -7,6 +7,7 @@
       adapter/               final peft adapter (or model/ for full fine-tuning) + tokenizer
       metrics.jsonl          one line per logged training step
       predictions.jsonl      {"task_id", "input", "output"} — the submission file
+      predictions.settings.json  the model/data/train/generate settings the predictions came from
       judgments.jsonl        every judge reply, cached by judge, prompt, answer and sample
       scores.json            per-task scores and the mean with its CI
       report.html, report.md
@@ -69,6 +70,10 @@ class RunDir:
     @property
     def predictions(self) -> Path:
         return self.root / "predictions.jsonl"
+
+    @property
+    def predictions_settings(self) -> Path:
+        return self.root / "predictions.settings.json"
 
     @property
     def judgments(self) -> Path:
