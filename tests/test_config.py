@@ -82,3 +82,17 @@ def test_readme_lists_every_config_key():
                          ("train", c.TrainConfig), ("generate", c.GenerateConfig), ("judge", c.JudgeConfig)]:
         for field in dataclasses.fields(cls):
             assert f"`{section}.{field.name}`" in readme, f"{section}.{field.name} missing from README"
+
+
+def test_saved_and_pushed_config_hold_no_credentials(tmp_path):
+    from tunebench.config import dump_config
+    from tunebench.train.push import public_run_config
+
+    url = "https://alice:hunter2@judge.example.com:8443/v1?api_key=SECRET123&region=eu"
+    config = load_config(None, [f"judge.base_url={url}"])
+    dump_config(config, tmp_path / "config.yaml")
+    saved = (tmp_path / "config.yaml").read_text()
+    for secret in ("alice", "hunter2", "SECRET123"):
+        assert secret not in saved and secret not in public_run_config(saved)
+    assert "https://judge.example.com:8443/v1?region=eu" in saved
+    assert config.judge.base_url == url  # the run itself still uses what the user gave

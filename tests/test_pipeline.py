@@ -100,3 +100,48 @@ def test_quickstart_code_path_at_reduced_size(tmp_path, tiny_model_dir, tasks, c
     assert "no judge configured: set GEMINI_API_KEY" in out and "reference NLL" in out
     saved = (tmp_path / "qs" / "config.yaml").read_text()
     assert "max_steps: 2" in saved and "builtin:ja-instruct-megagon" in saved
+
+
+def cli_overrides(tiny_model_dir, tasks):
+    return [
+        "--set", f"model.name_or_path={tiny_model_dir}", "--set", "data.sources=[{path: 'builtin:ja-instruct-megagon'}]",
+        "--set", "data.max_records=12", "--set", "data.max_seq_length=96",
+        "--set", "data.contamination_sets=[elyza-tasks-100]", "--set", "train.method=lora",
+        "--set", "train.max_steps=3", "--set", "train.per_device_train_batch_size=2",
+        "--set", "train.gradient_accumulation_steps=1", "--set", "train.warmup_steps=0",
+        "--set", f"generate.tasks={tasks}", "--set", "generate.max_new_tokens=5", "--set", "generate.batch_size=2"]
+
+
+def test_rerun_with_changed_settings_is_refused_and_failed_validation_exits_non_zero(
+        tmp_path, tiny_model_dir, tasks, capsys, fake):
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n", encoding="utf-8")
+    run = tmp_path / "run"
+    base = ["run", str(config), "--run-dir", str(run), *cli_overrides(tiny_model_dir, tasks)]
+    assert main(base) == 0
+    saved = (run / "config.yaml").read_text()
+    adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    # a training setting changed: train/generate would be skipped and the report would lie
+    assert main([*base, "--set", "train.max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "train.max_steps: 3 → 4" in err and "adapter" in err and "predictions.jsonl" in err
+    assert (run / "config.yaml").read_text() == saved  # nothing rewritten
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
+    # a generation setting changed: only the predictions are stale
+    assert main([*base, "--set", "generate.max_new_tokens=6"]) == 2
+    err = capsys.readouterr().err
+    assert "generate.max_new_tokens: 5 → 6" in err and "predictions.jsonl" in err and "adapter" not in err
+
+    # judge settings and logging may change freely
+    hits = fake.total()
+    assert main([*base, "--set", "judge.judge=openai:fake", "--set", f"judge.base_url={fake.url}",
+                 "--set", "train.logging_steps=2"]) == 0
+    assert fake.total() > hits and "judge: openai:fake" in (run / "config.yaml").read_text()
+
+    # predictions that fail validation make `run` exit non-zero
+    rows = run.joinpath("predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    run.joinpath("predictions.jsonl").write_text("\n".join(rows[:-1]) + "\n", encoding="utf-8")
+    assert main(base) == 1
+    assert "failed validation" in capsys.readouterr().err

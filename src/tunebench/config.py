@@ -332,5 +332,24 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def dump_config(config: Config, path: Path) -> None:
-    """Write the fully resolved config as YAML."""
-    path.write_text(yaml.safe_dump(to_dict(config), allow_unicode=True, sort_keys=False), encoding="utf-8")
+    """Write the fully resolved config as YAML, without credentials (it is shown in reports and pushed)."""
+    data = to_dict(config)
+    if data["judge"]["base_url"]:
+        data["judge"]["base_url"] = public_url(data["judge"]["base_url"])
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+SECRET_QUERY = ("key", "token", "secret", "password", "passwd", "sig", "signature", "auth", "credential")
+
+
+def public_url(url: str) -> str:
+    """`url` without user:password@ and without query parameters that look like credentials."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if not any(word in k.lower() for word in SECRET_QUERY)]
+    return urlunsplit((parts.scheme, host, parts.path, urlencode(query), ""))

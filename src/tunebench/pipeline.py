@@ -3,6 +3,12 @@
 Each stage checks whether its output is already complete and skips if so; a crashed stage is
 resumed by its own mechanism (training from its last checkpoint, generation from its partial
 file, judging from its cache). Rerunning the same command after any interruption continues.
+
+A rerun with settings that change a finished artefact (the adapter, its checkpoints, the
+predictions, the reference NLL) is refused with the differing keys named, before anything is
+written: skipping the stage would report a model that was never trained, and redoing it would
+throw finished work away. Each artefact keeps the settings it was made from (adapter/config.yaml,
+predictions.settings.json, nll.json's "made_with"). Judge settings may change freely.
 """
 
 from __future__ import annotations
@@ -11,8 +17,12 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tunebench.config import Config
+import yaml
+
+from tunebench.config import Config, to_dict
+from tunebench.errors import ConfigError
 from tunebench.runs import RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -33,6 +43,7 @@ def run_pipeline(config: Config, run: RunDir, allow_contamination: bool = False)
     from tunebench.train.sft import train
 
     result = PipelineResult(run)
+    refuse_changed_settings(config, run)
     run.save_config(config)
 
     # 1. data (the fingerprint makes this a no-op when nothing changed)
@@ -54,6 +65,7 @@ def run_pipeline(config: Config, run: RunDir, allow_contamination: bool = False)
         result.stages["generate"] = "skipped (predictions exist)"
     else:
         generate_answers(str(run.root), config.generate.tasks, run.predictions, config.generate)
+        write_json_atomic(run.predictions_settings, settings_of(config, GENERATE_SECTIONS))
         result.stages["generate"] = "done"
     result.stages["validate"] = write_validation(run, config)
 
@@ -78,7 +90,7 @@ def run_pipeline(config: Config, run: RunDir, allow_contamination: bool = False)
 
         loaded = load_for_inference(str(run.root))
         nll = reference_nll(loaded.model, loaded.tokenizer, loaded.template or config.data.template)
-        write_json_atomic(nll_path, nll)
+        write_json_atomic(nll_path, {**nll, "made_with": settings_of(config, TRAIN_SECTIONS)})
         result.nll = nll["nll"]
         result.stages["nll"] = "done"
 
@@ -88,6 +100,74 @@ def run_pipeline(config: Config, run: RunDir, allow_contamination: bool = False)
     write_report([run.root], run.root)
     result.stages["report"] = "done"
     return result
+
+
+# Sections a trained model and its predictions depend on, and keys inside them that change neither.
+TRAIN_SECTIONS = ("model", "data", "train")
+GENERATE_SECTIONS = (*TRAIN_SECTIONS, "generate")
+INERT_KEYS = {"data.allow_contamination", "train.logging_steps", "train.save_steps", "train.save_total_limit",
+              "train.report_to", "train.eval_steps", "generate.batch_size"}
+
+
+def settings_of(config: Config, sections: tuple[str, ...]) -> dict[str, Any]:
+    """The config's sections as they read back from YAML (so saved and live settings compare equal)."""
+    data = yaml.safe_load(yaml.safe_dump(to_dict(config), allow_unicode=True))
+    return {section: data[section] for section in sections}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(before: dict[str, Any], after: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    """'key: old → new' for each key of `sections` that differs (keys an older version lacked are skipped)."""
+    old = flatten({s: before.get(s) or {} for s in sections})
+    new = flatten({s: after.get(s) or {} for s in sections})
+    return [f"{key}: {old[key]!r} → {new.get(key)!r}" for key in old
+            if key not in INERT_KEYS and old[key] != new.get(key)]
+
+
+def read_settings(path: Path) -> dict[str, Any] | None:
+    """Settings kept in a YAML config, a settings JSON, or a result JSON under "made_with"."""
+    if not path.exists():
+        return None
+    if path.suffix != ".json":
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data.get("made_with") if path.name == "nll.json" else data
+
+
+def refuse_changed_settings(config: Config, run: RunDir) -> None:
+    """Stop when a finished (or half-finished) artefact was made with settings this config changes."""
+    trained = run.trained_model()
+    partial = run.predictions.with_name("predictions.jsonl.partial")
+    nll_path = run.root / "nll.json"
+    # (artefact or None where absent, the settings it was made from, the sections it depends on);
+    # the run's last config stands in for artefacts written before they kept their own.
+    last = read_settings(run.config_file)
+    artefacts = [
+        (trained, read_settings(trained / "config.yaml") if trained else None, TRAIN_SECTIONS),
+        (run.checkpoints if trained is None and run.checkpoints.exists() else None, last, TRAIN_SECTIONS),
+        (run.predictions if run.predictions.exists() else partial if partial.exists() else None,
+         read_settings(run.predictions_settings) or last, GENERATE_SECTIONS),
+        (nll_path if nll_path.exists() else None, read_settings(nll_path) or last, TRAIN_SECTIONS),
+    ]
+    stale, diffs = [], []
+    for artefact, before, sections in artefacts:
+        changed = changed_settings(before, settings_of(config, sections), sections) if artefact and before else []
+        if changed:
+            stale.append(str(artefact))
+            diffs += [d for d in changed if d not in diffs]
+    if stale:
+        raise ConfigError(f"{run.root}: {', '.join(stale)} were made with other settings ({'; '.join(diffs)}); "
+                          "rerun with those settings, pass another --run-dir, or delete "
+                          f"{', '.join(stale)} to redo {'them' if len(stale) > 1 else 'it'}")
 
 
 def write_validation(run: RunDir, config: Config) -> str:

@@ -7,6 +7,7 @@
       adapter/               final peft adapter (or model/ for full fine-tuning) + tokenizer
       metrics.jsonl          one line per logged training step
       predictions.jsonl      {"task_id", "input", "output"} — the submission file
+      predictions.settings.json  the model/data/train/generate settings the predictions came from
       judgments.jsonl        every judge reply, cached by judge, prompt, answer and sample
       scores.json            per-task scores and the mean with its CI
       report.html, report.md
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from tunebench.config import Config, dump_config
-from tunebench.errors import DataError
+from tunebench.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+RUNS_FOLDER = Path("runs")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,9 @@ class RunDir:
 
     @classmethod
     def for_config(cls, config: Config, run_dir: str | None = None) -> "RunDir":
-        root = Path(run_dir) if run_dir else Path("runs") / (config.name or "run")
+        """runs/<name>, or --run-dir when given; refused where it would overwrite an input."""
+        root = Path(run_dir) if run_dir else run_folder_for_name(config.name or "run")
+        refuse_inputs_inside(root, config)
         root.mkdir(parents=True, exist_ok=True)
         return cls(root)
 
@@ -70,6 +74,10 @@ class RunDir:
         return self.root / "predictions.jsonl"
 
     @property
+    def predictions_settings(self) -> Path:
+        return self.root / "predictions.settings.json"
+
+    @property
     def judgments(self) -> Path:
         return self.root / "judgments.jsonl"
 
@@ -87,6 +95,31 @@ class RunDir:
             if (path / "tunebench.json").exists():
                 return path
         return None
+
+
+def run_folder_for_name(name: str) -> Path:
+    """runs/<name>: a config's name may not lead out of the runs folder (only --run-dir may)."""
+    root = RUNS_FOLDER / name
+    inside = RUNS_FOLDER.resolve()
+    if Path(name).is_absolute() or root.resolve() == inside or inside not in root.resolve().parents:
+        raise ConfigError(f"name '{name}': a run name must be a folder inside {RUNS_FOLDER}/ "
+                          "(no absolute path, no '..'); pass --run-dir to write elsewhere")
+    return root
+
+
+def refuse_inputs_inside(root: Path, config: Config) -> None:
+    """Stop before the run folder equals or holds a data source or the task file: stages overwrite
+    files in it (data/train.jsonl, predictions.jsonl, ...) and deleting a run must not delete inputs."""
+    out = root.resolve()
+    inputs = [(f"data.sources[{i}].path", s.path) for i, s in enumerate(config.data.sources)]
+    inputs.append(("generate.tasks", config.generate.tasks))
+    for key, value in inputs:
+        if not value or value.startswith("builtin:") or not Path(value).exists():
+            continue
+        source = Path(value).resolve()
+        if source == out or out in source.parents:
+            raise ConfigError(f"{key} '{value}' lies inside the run folder {root}, whose files tunebench "
+                              "overwrites: choose another --run-dir or move the data out of it")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

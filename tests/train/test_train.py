@@ -253,3 +253,34 @@ def test_chunked_cross_entropy_equals_one_pass(tiny_model_dir):
         results.append((loss.detach(), model.get_output_embeddings().weight.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+
+
+class Planted:
+    """Unpickling this creates a file: the proof that a checkpoint ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_crafted_checkpoint_runs_no_code_on_resume(tmp_path, tiny_model_dir, memo_data):
+    config = make_config(tiny_model_dir, memo_data, "train.method=lora", "train.max_steps=3", "train.save_steps=2")
+    run = RunDir(tmp_path / "run")
+    train(config, run)
+    (checkpoint,) = run.checkpoints.iterdir()
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer": Planted(marker), "scheduler": {}, "rng": {}}, checkpoint / "optimizer.pt")
+    with pytest.raises(ConfigError, match="optimizer.pt: holds objects other than tensors"):
+        train(config, run, resume=True)
+    assert not marker.exists()
+
+
+def test_checkpoint_state_loads_with_weights_only(tmp_path, tiny_model_dir, memo_data):
+    config = make_config(tiny_model_dir, memo_data, "train.method=lora", "train.max_steps=3", "train.save_steps=2")
+    run = RunDir(tmp_path / "run")
+    train(config, run)
+    (checkpoint,) = run.checkpoints.iterdir()
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "rng"} <= set(state)

@@ -18,7 +18,9 @@ JUDGE_EPILOG = """examples:
   tunebench judge calibrate --judge openai:gpt-4o-mini --n 100     # agreement with GPT-4-class scores
 
 Judgments are cached in judgments.jsonl next to the predictions: a rerun pays only for what changed.
-API keys are read from the environment (GEMINI_API_KEY, OPENAI_API_KEY or --api-key-env NAME)."""
+API keys are read from the environment (GEMINI_API_KEY, OPENAI_API_KEY or --api-key-env NAME) and sent
+only to their own provider or to a base URL you name (--base-url, OPENAI_BASE_URL), never to one that
+only a config file names, and never over plain http to another machine."""
 
 
 def register(sub) -> None:
@@ -78,6 +80,18 @@ def judge_settings(args, run_config: Path | None):
     return config
 
 
+def user_backend(args, config):
+    """An API backend that may send keys where this command line points (None: built later as usual).
+
+    The run's config.yaml is read too, but only --base-url and --api-key-env are the user's own word."""
+    from tunebench.judge.backends import make_backend, parse_judge_spec
+
+    if parse_judge_spec(config.judge.judge)[0] == "local":
+        return None  # no key involved; the model loads only once the predictions are checked
+    return make_backend(config.judge, user_urls=(args.base_url,) if args.base_url else (),
+                        user_key_env=args.api_key_env is not None)
+
+
 def run_judge(args) -> int:
     if args.predictions == "calibrate":
         from tunebench.judge.calibrate import calibrate, format_calibration
@@ -85,7 +99,7 @@ def run_judge(args) -> int:
         config = judge_settings(args, None)
         safe = config.judge.judge.replace(":", "_").replace("/", "_")
         out = Path(args.out) if args.out else Path("runs") / "calibration" / safe
-        result = calibrate(config.judge, args.n, out, args.data, args.reference_judge)
+        result = calibrate(config.judge, args.n, out, args.data, args.reference_judge, backend=user_backend(args, config))
         print(format_calibration(result))
         print(f"wrote {out / 'calibration.json'}")
         return 0
@@ -97,7 +111,8 @@ def run_judge(args) -> int:
     if not path.exists():
         raise ConfigError(f"{path}: no predictions file; run `tunebench generate` first")
     config = judge_settings(args, path.parent / "config.yaml")
-    report = judge_predictions(path, args.tasks or config.generate.tasks, config.judge)
+    report = judge_predictions(path, args.tasks or config.generate.tasks, config.judge,
+                               backend=user_backend(args, config))
     print(report.table())
     print(f"wrote {path.parent / 'scores.json'} and {path.parent / 'judgments.jsonl'}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from tunebench.commands.options import add_config_args, add_overrides_arg
@@ -16,7 +17,10 @@ def register(sub) -> None:
     run = sub.add_parser(
         "run", help="the whole pipeline: prepare → train → generate → validate → judge → report",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run every stage; a stage whose output is complete is skipped, so rerunning after a crash continues.",
+        description="Run every stage; a stage whose output is complete is skipped, so rerunning after a crash continues. "
+                    "A rerun whose settings would change finished work (adapter, checkpoints, predictions, NLL) is "
+                    "refused with the differing keys named; judge settings may change. Exit status 1 when the "
+                    "predictions fail validation.",
         epilog="examples:\n  tunebench run configs/llm-jp-3-13b-qlora.yaml\n"
                "  tunebench run configs/quickstart.yaml --set train.max_steps=100 --run-dir runs/try2")
     add_config_args(run)
@@ -68,7 +72,16 @@ def run_run(args) -> int:
     config = load_config(args.config, args.overrides)
     result = run_pipeline(config, RunDir.for_config(config, args.run_dir), args.allow_contamination)
     print_result(result)
-    return 0
+    return validation_exit_code(result)
+
+
+def validation_exit_code(result) -> int:
+    """1 when the submission failed validation (a script must not take it for a good run), else 0."""
+    if result.stages.get("validate") == "ok":
+        return 0
+    print(f"error: {result.run.predictions} failed validation ({result.stages.get('validate')}); "
+          f"details in {result.run.root / 'validation.json'}", file=sys.stderr)
+    return 1
 
 
 def run_quickstart(args) -> int:
@@ -93,7 +106,7 @@ def run_quickstart(args) -> int:
         print("no judge configured: set GEMINI_API_KEY (Gemini), OPENAI_API_KEY (OpenAI), or OPENAI_BASE_URL "
               "(any OpenAI-compatible server, e.g. `tunebench serve`), or pass --judge BACKEND:MODEL, "
               f"then: tunebench judge {result.run.predictions} --judge gemini:gemini-2.5-flash")
-    return 0
+    return validation_exit_code(result)
 
 
 def run_report(args) -> int:

@@ -8,21 +8,36 @@
   through Gemini's OpenAI-compatible endpoint;
 - `local:RUN_OR_MODEL` — a transformers model in this process.
 
-Keys are read from the environment at call time and never logged or stored. Failures worth a
+Keys are read from the environment at call time and never logged or stored. A key goes only where
+it belongs (see `key_refusal`): to its own provider's host, or to a base URL the user named on the
+command line or in their environment (OPENAI_BASE_URL, TUNEBENCH_JUDGE_BASE_URL) — never to a URL
+that only a config file names (a shared config or a copied run folder is not the user's word), and
+never over plain http to another machine. Which variable goes to which host is logged before the
+first request. Failures worth a
 retry (429, 5xx, timeouts, lost connections) raise TransientError; a blocked or empty reply raises
 EmptyReply; anything else (a bad key, an unknown model) is a JudgeError that stops the run.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 import threading
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from tunebench.config import JudgeConfig
 from tunebench.errors import JudgeError
 
 GEMINI_OPENAI_URL = "https://generativelanguage.googleapis.com/v1beta/openai/"
+OPENAI_URL = "https://api.openai.com/v1"
+# The host each provider's own key variable belongs to.
+PROVIDER_HOSTS = {"OPENAI_API_KEY": "api.openai.com", "GEMINI_API_KEY": "generativelanguage.googleapis.com",
+                  "GOOGLE_API_KEY": "generativelanguage.googleapis.com"}
+# Environment variables in which the user names a judge endpoint themselves.
+USER_URL_VARIABLES = ("OPENAI_BASE_URL", "TUNEBENCH_JUDGE_BASE_URL")
+log = logging.getLogger(__name__)
 
 
 class TransientError(Exception):
@@ -53,35 +68,84 @@ def parse_judge_spec(spec: str) -> tuple[str, str]:
     return kind, model
 
 
-def make_backend(config: JudgeConfig) -> JudgeBackend:
+def make_backend(config: JudgeConfig, user_urls: tuple[str, ...] = (), user_key_env: bool = False) -> JudgeBackend:
+    """The backend `config.judge` names. user_urls: base URLs the user gave on the command line;
+    user_key_env: judge.api_key_env was given on the command line (not only by a config file)."""
     kind, model = parse_judge_spec(config.judge or "")
+    trust = (tuple(user_urls), user_key_env)
     if kind == "openai":
-        return OpenAIBackend(model, config.base_url, config.api_key_env or "OPENAI_API_KEY", config.timeout_s)
+        url = config.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL
+        return OpenAIBackend(model, url, config.api_key_env or "OPENAI_API_KEY", config.timeout_s, trust=trust)
     if kind == "gemini":
         try:
             import google.genai  # noqa: F401
         except ImportError:
             return OpenAIBackend(model, config.base_url or GEMINI_OPENAI_URL, config.api_key_env or "GEMINI_API_KEY",
-                                 config.timeout_s, label="gemini")
-        return GeminiBackend(model, config.api_key_env or "GEMINI_API_KEY", config.timeout_s)
+                                 config.timeout_s, label="gemini", trust=trust)
+        return GeminiBackend(model, config.api_key_env or "GEMINI_API_KEY", config.timeout_s, trust=trust)
     return LocalBackend(model)
 
 
-def read_key(env_name: str, required: bool) -> str:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def same_url(a: str, b: str) -> bool:
+    return a.strip().rstrip("/") == b.strip().rstrip("/")
+
+
+def key_refusal(key_env: str, url: str, user_urls: tuple[str, ...], user_key_env: bool) -> str | None:
+    """Why the key in `key_env` must not go to `url`, or None when it may.
+
+    It may go to the host its provider owns (OPENAI_API_KEY to api.openai.com; a variable named on
+    the command line to either provider), or to a URL the user named (user_urls, or the value of
+    OPENAI_BASE_URL / TUNEBENCH_JUDGE_BASE_URL) — never over plain http to another machine.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme != "https" and not is_loopback(host):
+        return f"{url} is plain {parts.scheme or 'http'} to another machine: a key would travel unencrypted"
+    if PROVIDER_HOSTS.get(key_env) == host or (user_key_env and host in PROVIDER_HOSTS.values()):
+        return None
+    named = list(user_urls) + [os.environ[v] for v in USER_URL_VARIABLES if os.environ.get(v)]
+    if any(same_url(url, u) for u in named):
+        return None
+    return (f"{host or url} is not where {key_env} belongs and was not named by you (pass --base-url {url}, "
+            "or set OPENAI_BASE_URL, to send it there)")
+
+
+def read_key(env_name: str, url: str, required: bool, trust: tuple[tuple[str, ...], bool] = ((), False)) -> str:
+    """The key for `url` from the environment, or "none" where it must not or cannot be sent."""
+    host = urlsplit(url).hostname or url
     key = os.environ.get(env_name, "")
+    refusal = key_refusal(env_name, url, *trust) if key else None
+    if refusal and required:
+        raise JudgeError(f"judge: not sending {env_name}: {refusal}")
+    if refusal:
+        log.warning("judge: not sending %s to %s: %s", env_name, host, refusal)
+        return "none"
     if not key and required:
         raise JudgeError(f"no API key: set the environment variable {env_name} (or judge.api_key_env to another name)")
+    if key:
+        log.info("judge: sending the key in %s to %s", env_name, host)
     return key or "none"
 
 
 class OpenAIBackend:
-    def __init__(self, model: str, base_url: str | None, key_env: str, timeout_s: float, label: str = "openai"):
+    def __init__(self, model: str, base_url: str, key_env: str, timeout_s: float, label: str = "openai",
+                 trust: tuple[tuple[str, ...], bool] = ((), False)):
         from openai import OpenAI
 
         self.name = f"{label}:{model}"
         self.model = model
         # A local server (vLLM, Ollama, tunebench serve) needs no key; the real APIs do.
-        key = read_key(key_env, required=base_url is None or "googleapis.com" in (base_url or ""))
+        key = read_key(key_env, base_url, required=urlsplit(base_url).hostname in PROVIDER_HOSTS.values(),
+                       trust=trust)
         self.client = OpenAI(api_key=key, base_url=base_url, timeout=timeout_s, max_retries=0)
 
     def complete(self, prompt: str, temperature: float) -> str:
@@ -115,12 +179,12 @@ def retry_after_of(exc) -> float | None:
 
 
 class GeminiBackend:
-    def __init__(self, model: str, key_env: str, timeout_s: float):
+    def __init__(self, model: str, key_env: str, timeout_s: float, trust: tuple[tuple[str, ...], bool] = ((), False)):
         from google import genai
 
         self.name = f"gemini:{model}"
         self.model = model
-        self.client = genai.Client(api_key=read_key(key_env, required=True),
+        self.client = genai.Client(api_key=read_key(key_env, GEMINI_OPENAI_URL, required=True, trust=trust),
                                    http_options={"timeout": int(timeout_s * 1000)})
 
     def complete(self, prompt: str, temperature: float) -> str:

@@ -4,11 +4,16 @@ A checkpoint is written into a hidden temporary folder and renamed to `checkpoin
 when complete, so a run killed during a save leaves at most a `.tmp-*` folder that resume ignores
 (and deletes). It holds the trainable weights, optimizer, scheduler, every RNG state and the
 step, which with the seeded data order is all an identical continuation needs.
+
+Everything is stored as tensors and plain containers and read back with
+`torch.load(weights_only=True)`: a checkpoint in a shared or downloaded run folder is data, and
+unpickling arbitrary objects from it would run whatever code it names.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -17,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from tunebench.errors import ConfigError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -29,15 +36,24 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors, lists and numbers (what weights_only loading accepts)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -91,8 +107,18 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     if missing:
         raise ValueError(f"{path}: checkpoint does not match this model (e.g. {sorted(missing)[0]})")
     model.load_state_dict(weights, strict=False)
-    extra = torch.load(path / "optimizer.pt", weights_only=False)
+    extra = load_training_state(path / "optimizer.pt")
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def load_training_state(path: Path) -> dict:
+    """optimizer.pt as tensors and plain containers; anything else is refused, never unpickled."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(f"{path}: holds objects other than tensors and plain data, so it is not loaded "
+                          "(written by an older tunebench, or crafted); delete "
+                          f"{path.parent.parent} to train from the start, or use another --run-dir") from exc

@@ -2,7 +2,11 @@
 
 The token comes from HF_TOKEN or the `huggingface-cli login` cache and is passed to the client
 only: it is never written into the card, the config or any file. `--dry-run` writes the exact
-files that would be uploaded into a folder instead.
+files that would be uploaded into a new or empty folder instead (never one holding anything).
+
+What is published names nothing on the user's disk: the base model by its hub id (the embedded
+model by its upstream id), data sources by file name or hub id, and the run's config without
+credentials (see config.public_url).
 """
 
 from __future__ import annotations
@@ -10,28 +14,53 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from tunebench.errors import ModelError
+from tunebench.config import public_url
+from tunebench.errors import ConfigError, ModelError
 from tunebench.models.trained import find_trained
 from tunebench.train.methods import get_method
+
+EMBEDDED_UPSTREAM = "google/gemma-3-270m"
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """'user/name' that is not a path on this machine (the rule data.readers applies to sources)."""
+    local = Path(name)
+    return ("/" in name and not name.startswith((".", "/", "~")) and not local.suffix
+            and not local.exists() and name.count("/") == 1)
+
+
+def public_model_id(name: str) -> str | None:
+    """The hub id others can load the base model by; None for a folder on this machine."""
+    if name.startswith("embedded:"):
+        return EMBEDDED_UPSTREAM
+    return name if looks_like_hub_id(name) else None
+
+
+def public_source(path: str) -> str:
+    """A data source as it may be published: built-in name or hub id, else the file name only."""
+    if path.startswith("builtin:") or looks_like_hub_id(path):
+        return path
+    return Path(path).name
 
 
 def model_card(meta: dict, config: dict, scores: dict | None, repo: str) -> str:
     """A README.md with YAML front matter: base model, data, method, hyperparameters, scores."""
     train = config.get("train", {})
     data = config.get("data", {})
-    base = meta["base_model"]
-    front = {"base_model": base if not base.startswith("embedded:") else "google/gemma-3-270m",
+    base = public_model_id(meta["base_model"]) or "a local model"
+    front = {"base_model": base,
              "library_name": "peft" if get_method(meta["method"]).peft else "transformers",
              "language": ["ja"], "tags": ["tunebench", meta["method"], "sft"]}
     keys = ("method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "per_device_train_batch_size",
             "gradient_accumulation_steps", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler",
             "warmup_steps", "seed")
     rows = "\n".join(f"| {k} | {train.get(k)} |" for k in keys if k in train)
-    sources = "\n".join(f"- `{s['path']}` (weight {s.get('weight', 1.0)})" for s in data.get("sources", []))
+    sources = "\n".join(f"- `{public_source(s['path'])}` (weight {s.get('weight', 1.0)})" for s in data.get("sources", []))
     score_text = "No judge scores recorded."
     if scores:
         score_text = (f"Mean judge score {scores['mean']:.2f} (95% CI {scores['ci_low']:.2f}–{scores['ci_high']:.2f}) "
@@ -68,7 +97,7 @@ Data fingerprint `{meta.get('data_fingerprint')}`, code fingerprint `{meta.get('
 
 
 def collect_upload(run_path: Path, repo: str, merged: bool) -> tuple[Path, dict[str, str]]:
-    """The folder to upload and the generated files to add to it."""
+    """The folder to upload and the generated or rewritten files that replace or join its own."""
     trained = find_trained(run_path)
     if merged:
         trained = find_trained(run_path / "merged") if (run_path / "merged").exists() else None
@@ -80,18 +109,67 @@ def collect_upload(run_path: Path, repo: str, merged: bool) -> tuple[Path, dict[
     run_root = trained.parent
     config = yaml.safe_load((run_root / "config.yaml").read_text(encoding="utf-8")) if (run_root / "config.yaml").exists() else {}
     scores = json.loads((run_root / "scores.json").read_text(encoding="utf-8")) if (run_root / "scores.json").exists() else None
-    return trained, {"README.md": model_card(meta, config, scores, repo)}
+    generated = {"README.md": model_card(meta, config, scores, repo)}
+    if (trained / "adapter_config.json").exists():
+        generated["adapter_config.json"] = public_adapter_config(
+            (trained / "adapter_config.json").read_text(encoding="utf-8"), meta["base_model"])
+    generated["tunebench.json"] = json.dumps(
+        {**meta, "base_model": public_model_id(meta["base_model"]) or Path(meta["base_model"]).name}, indent=2)
+    if (trained / "config.yaml").exists():
+        generated["config.yaml"] = public_run_config((trained / "config.yaml").read_text(encoding="utf-8"))
+    return trained, generated
+
+
+def public_adapter_config(text: str, base_model: str) -> str:
+    """adapter_config.json naming the base model by hub id, not by its path in the local cache."""
+    adapter = json.loads(text)
+    adapter["base_model_name_or_path"] = public_model_id(base_model)
+    return json.dumps(adapter, indent=2, sort_keys=True)
+
+
+def public_run_config(text: str) -> str:
+    """The run's config.yaml without credentials, local model paths or data paths."""
+    config = yaml.safe_load(text) or {}
+    judge = config.get("judge") or {}
+    if judge.get("base_url"):
+        judge["base_url"] = public_url(judge["base_url"])
+    model = config.get("model") or {}
+    for key in ("name_or_path", "tokenizer"):
+        if model.get(key):
+            model[key] = public_model_id(model[key]) or Path(model[key]).name
+    for source in (config.get("data") or {}).get("sources") or []:
+        source["path"] = public_source(source.get("path", ""))
+    return yaml.safe_dump(config, allow_unicode=True, sort_keys=False)
+
+
+def stage_upload(folder: Path, generated: dict[str, str], target: Path) -> None:
+    """Copy the trained folder into `target` (which must not exist) and write the generated files."""
+    shutil.copytree(folder, target)
+    for name, text in generated.items():
+        (target / name).write_text(text, encoding="utf-8")
+
+
+def dry_run_target(dry_run: Path, run_path: Path) -> Path:
+    """The folder a dry run writes: DIR itself when new or empty; anything else is refused."""
+    dry = dry_run.resolve()
+    run = run_path.resolve()
+    if dry == run or run in dry.parents or dry in run.parents:
+        raise ConfigError(f"--dry-run {dry_run}: is, or is inside or above, the run {run_path}; "
+                          "choose a separate folder")
+    if dry_run.exists() and (not dry_run.is_dir() or any(dry_run.iterdir())):
+        # Never delete or mix into something tunebench did not create.
+        raise ConfigError(f"--dry-run {dry_run}: exists and is not an empty folder; choose a new folder")
+    return dry_run
 
 
 def push(run_path: Path, repo: str, private: bool = False, merged: bool = False, dry_run: Path | None = None) -> str:
     folder, generated = collect_upload(run_path, repo, merged)
     if dry_run is not None:
-        if dry_run.exists():
-            shutil.rmtree(dry_run)
-        shutil.copytree(folder, dry_run)
-        for name, text in generated.items():
-            (dry_run / name).write_text(text, encoding="utf-8")
-        return str(dry_run)
+        target = dry_run_target(dry_run, run_path)
+        if target.exists():
+            target.rmdir()  # empty, checked above; copytree creates it again
+        stage_upload(folder, generated, target)
+        return str(target)
     from huggingface_hub import HfApi, get_token
 
     token = os.environ.get("HF_TOKEN") or get_token()
@@ -99,7 +177,8 @@ def push(run_path: Path, repo: str, private: bool = False, merged: bool = False,
         raise ModelError("no Hugging Face token: set HF_TOKEN or run `huggingface-cli login`")
     api = HfApi(token=token)
     api.create_repo(repo, private=private, exist_ok=True)
-    for name, text in generated.items():
-        api.upload_file(path_or_fileobj=text.encode("utf-8"), path_in_repo=name, repo_id=repo)
-    api.upload_folder(folder_path=str(folder), repo_id=repo, ignore_patterns=["README.md"])
+    with tempfile.TemporaryDirectory(prefix="tunebench-push-") as tmp:
+        staged = Path(tmp) / "upload"
+        stage_upload(folder, generated, staged)
+        api.upload_folder(folder_path=str(staged), repo_id=repo)
     return f"https://huggingface.co/{repo}"

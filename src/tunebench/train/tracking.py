@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunebench.config import public_url
 from tunebench.errors import ConfigError
 
 
@@ -22,7 +23,11 @@ class Trackers:
                     import wandb
                 except ImportError as exc:
                     raise ConfigError("report_to wandb needs: pip install 'tunebench[wandb]'") from exc
-                # The API key comes from WANDB_API_KEY or `wandb login`, never from the config.
+                # The API key comes from WANDB_API_KEY or `wandb login`, never from the config; the
+                # config goes to wandb's servers, so URL credentials are dropped (as in config.yaml).
+                judge = config.get("judge") or {}
+                if judge.get("base_url"):
+                    config = {**config, "judge": {**judge, "base_url": public_url(judge["base_url"])}}
                 self.writers.append(("wandb", wandb.init(project="tunebench", name=run_root.name, config=config)))
 
     def log(self, record: dict, step: int) -> None:
