@@ -125,6 +125,7 @@ class JudgeConfig:
     requests_per_minute: int | None = None
     max_retries: int = 5
     backoff_s: float = 1.0  # first retry pause; doubles each attempt, with jitter
+    max_wait_s: float = 60.0  # longest pause before a retry, even when a server's Retry-After asks for more
     timeout_s: float = 120.0
     samples: int = 1
     temperature: float = 0.0

@@ -39,6 +39,7 @@ class EmptyReply(Exception):
 
 class JudgeBackend(Protocol):
     name: str
+    endpoint: str  # where requests go (a base URL); judgments are cached per endpoint
 
     def complete(self, prompt: str, temperature: float) -> str: ...
 
@@ -83,6 +84,7 @@ class OpenAIBackend:
         # A local server (vLLM, Ollama, tunebench serve) needs no key; the real APIs do.
         key = read_key(key_env, required=base_url is None or "googleapis.com" in (base_url or ""))
         self.client = OpenAI(api_key=key, base_url=base_url, timeout=timeout_s, max_retries=0)
+        self.endpoint = str(self.client.base_url)  # part of the cache key: another server, another judgment
 
     def complete(self, prompt: str, temperature: float) -> str:
         import openai
@@ -120,6 +122,7 @@ class GeminiBackend:
 
         self.name = f"gemini:{model}"
         self.model = model
+        self.endpoint = "google-genai"
         self.client = genai.Client(api_key=read_key(key_env, required=True),
                                    http_options={"timeout": int(timeout_s * 1000)})
 
@@ -151,6 +154,7 @@ class LocalBackend:
         from tunebench.models.trained import load_for_inference
 
         self.name = f"local:{target}"
+        self.endpoint = "local"
         loaded = load_for_inference(target)
         # A run judges with its own template; a plain model with its chat template, else the course one.
         template = loaded.template or ("chat" if getattr(loaded.tokenizer, "chat_template", None) else "course")
