@@ -145,6 +145,8 @@ class JudgeConfig:
     requests_per_minute: int | None = option(None, range="≥ 1", help="requests per minute at most; null: no cap")
     max_retries: int = option(5, range="≥ 0", help="retries of a failed or unparsable reply")
     backoff_s: float = option(1.0, range="≥ 0", help="first retry pause; doubles each attempt, with jitter")
+    max_wait_s: float = option(60.0, range="≥ 0", help="longest pause before a retry, even when a server's "
+                               "Retry-After asks for more")
     timeout_s: float = option(120.0, range="> 0", help="seconds per request")
     samples: int = option(1, range="≥ 1", help="judgments per answer (mean and spread reported)")
     temperature: float = option(0.0, range="[0, 2]", help="judge sampling temperature")

@@ -50,3 +50,23 @@ def test_each_defect_is_reported_with_line_and_task_id(tmp_path, tasks, lines, e
     assert [str(i) for i in validate_predictions(path, load_tasks(str(tasks)))] == expected
     assert main(["validate", str(path), "--tasks", str(tasks)]) == 1
     assert expected[0] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task_id, kind", [(True, "bool"), (False, "bool"), (2.0, "float"), (None, "NoneType")])
+def test_task_id_must_be_an_integer_not_a_bool_or_float(tmp_path, tasks, task_id, kind):
+    lines = [good(i) for i in range(4)]
+    replaced = int(task_id or 0)
+    lines[replaced] = {**good(replaced), "task_id": task_id}
+    issues = [str(i) for i in validate_predictions(write(tmp_path, lines), load_tasks(str(tasks)))]
+    assert issues[0] == (f"line {replaced + 1}: task_id {task_id!r}: field 'task_id' must be an integer or string "
+                         f"as in the task file, got {kind}")
+    assert f"missing: task_id {replaced}: no answer for this task" in issues
+
+
+def test_lone_surrogate_in_an_output_is_flagged(tmp_path, tasks, capsys):
+    lines = [good(i) for i in range(4)]
+    path = write(tmp_path, lines[:1] + [b'{"task_id": 1, "input": "\\u8cea\\u554f1", "output": "ok \\ud800"}'] + lines[2:])
+    assert [str(i) for i in validate_predictions(path, load_tasks(str(tasks)))] == [
+        "line 2: task_id 1: field 'output' holds a lone surrogate U+D800 (not encodable as UTF-8; "
+        "strict JSON parsers reject it)"]
+    assert main(["validate", str(path), "--tasks", str(tasks)]) == 1

@@ -2,12 +2,15 @@
 
 The behaviour of each request is chosen by a marker in the answer being judged:
 CASE:429 / CASE:500 / CASE:SLOW fail on the first attempt, CASE:NOSCORE never gives a score,
-CASE:EMPTY answers with empty text once, CASE:401 refuses; anything else gets '評価: N' where N
-is the digit after 'WANT:' in the answer (default 3).
+CASE:EMPTY answers with empty text once, CASE:401 refuses, CASE:WAIT answers 429 with
+'Retry-After: 30' once, CASE:INTERRUPT raises KeyboardInterrupt in the main thread (as Ctrl-C
+does) before answering; anything else gets '評価: N' where N is the digit after 'WANT:' in the
+answer (default 3). While `down` is True every request gets a 500 (an outage).
 """
 
 from __future__ import annotations
 
+import _thread
 import json
 import re
 import threading
@@ -22,6 +25,7 @@ class FakeJudge(ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), Handler)
         self.hits = Counter()
+        self.down = False
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
@@ -62,6 +66,12 @@ class Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.hits[prompt] += 1
             attempt = self.server.hits[prompt]
+        if self.server.down:
+            return self.reply(500, {"error": {"message": "outage", "type": "server"}})
+        if case == "INTERRUPT":
+            _thread.interrupt_main()
+        if case == "WAIT" and attempt == 1:
+            return self.reply(429, {"error": {"message": "come back later", "type": "rate_limit"}}, [("Retry-After", "30")])
         if case == "401":
             return self.reply(401, {"error": {"message": "invalid api key", "type": "auth"}})
         if case == "429" and attempt == 1:

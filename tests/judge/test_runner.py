@@ -117,3 +117,103 @@ def test_elyza_tasks_use_the_reference_rubric(tmp_path, fake):
     assert report["rubric"] == "reference" and report["mean"] == 5
     (prompt,) = fake.hits
     assert row["output"][:30] in prompt and row["eval_aspect"].strip()[:20] in prompt
+
+
+def test_unscored_judgments_are_retried_on_a_rerun(tmp_path, fake):
+    tasks, preds = setup_files(tmp_path, ["WANT:5", "WANT:3"])
+    fake.down = True  # an outage: every call is a 500
+    report = judge_predictions(preds, str(tasks), config(fake), progress=False).data
+    assert report["scored"] == 0 and report["unscored"] == 2
+    assert report["mean"] is None and report["ci_low"] is None and report["ci_high"] is None
+    text = (preds.parent / "scores.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"scores.json holds {c}"))  # strict JSON: no NaN
+    fake.down, before = False, fake.total()
+    report = judge_predictions(preds, str(tasks), config(fake), progress=False).data
+    assert fake.total() - before == 2 and [t["score"] for t in report["per_task"]] == [5, 3]
+    judge_predictions(preds, str(tasks), config(fake), progress=False)
+    assert fake.total() - before == 2  # scored ones are final: nothing paid twice
+
+
+def test_cache_is_per_endpoint(tmp_path, fake):
+    tasks, preds = setup_files(tmp_path, ["WANT:5", "WANT:3"])
+    judge_predictions(preds, str(tasks), config(fake), progress=False)
+    other = FakeJudge()  # the same judge name at another base_url is another judge
+    try:
+        judge_predictions(preds, str(tasks), config(other), progress=False)
+        assert other.total() == 2
+    finally:
+        other.stop()
+    records = [json.loads(line) for line in (preds.parent / "judgments.jsonl").read_text().splitlines()]
+    assert {r["endpoint"] for r in records} == {fake.url + "/", other.url + "/"}
+
+
+def test_records_from_before_the_endpoint_key_are_judged_again(tmp_path, fake):
+    tasks, preds = setup_files(tmp_path, ["WANT:5"])
+    old = {"key": "0" * 16, "task_id": 0, "sample": 0, "judge": "openai:fake-judge", "prompt_hash": "p",
+           "answer_hash": "a", "score": 1, "reason": None, "raw": "評価: 1", "error": None}
+    (preds.parent / "judgments.jsonl").write_text(json.dumps(old) + "\n")
+    report = judge_predictions(preds, str(tasks), config(fake), progress=False).data
+    assert fake.total() == 1 and report["mean"] == 5
+
+
+def test_ctrl_c_cancels_queued_requests_and_writes_what_finished(tmp_path, fake, capsys):
+    from tunebench.cli import main
+
+    outputs = ["WANT:5", "CASE:INTERRUPT WANT:4"] + [f"WANT:3 その{i}" for i in range(10)]
+    tasks, preds = setup_files(tmp_path, outputs)
+    code = main(["judge", str(preds), "--tasks", str(tasks), "--judge", "openai:fake-judge", "--base-url", fake.url,
+                 "--concurrency", "1"])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert fake.total() <= 3  # the 10 queued requests were never sent (all 12 were before)
+    saved = json.loads((preds.parent / "scores.json").read_text())
+    assert saved["interrupted"] is True and 2 <= saved["scored"] <= 3 and saved["mean"] is not None
+    assert saved["per_task"][-1]["error"] == "not judged"
+    assert main(["judge", str(preds), "--tasks", str(tasks), "--judge", "openai:fake-judge", "--base-url", fake.url,
+                 "--concurrency", "1"]) == 0
+    assert fake.total() == 12  # the rerun judged the rest; the interrupting answer was not paid twice
+
+
+def test_retry_after_is_honoured_up_to_max_wait_s(tmp_path, fake):
+    import time
+
+    tasks, preds = setup_files(tmp_path, ["CASE:WAIT WANT:4"])
+    start = time.monotonic()
+    report = judge_predictions(preds, str(tasks), config(fake, max_wait_s=0.2), progress=False).data
+    assert report["mean"] == 4 and 0.2 <= time.monotonic() - start < 5  # Retry-After: 30 capped at 0.2 s
+
+
+@pytest.mark.parametrize("line3, message", [
+    ({"task_id": 1, "input": "質問1", "output": "WANT:4"}, "line 3: task_id 1: duplicate of line 2"),
+    ({"task_id": 2, "input": "質問2", "output": None}, "line 3: task_id 2: field 'output' must be a string, got NoneType"),
+    ({"task_id": 2, "input": "質問2", "output": 123}, "line 3: task_id 2: field 'output' must be a string, got int"),
+    ({"task_id": 2, "input": "質問2", "output": ["a"]}, "line 3: task_id 2: field 'output' must be a string, got list"),
+    ({"task_id": 2, "input": "質問2", "output": " "}, "line 3: task_id 2: field 'output' is empty"),
+])
+def test_predictions_are_validated_before_anything_is_sent(tmp_path, fake, line3, message):
+    from tunebench.errors import DataError
+
+    tasks, preds = setup_files(tmp_path, ["WANT:5", "WANT:4", "WANT:3"])
+    lines = preds.read_text(encoding="utf-8").splitlines()
+    lines[2] = json.dumps(line3, ensure_ascii=False)
+    preds.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        judge_predictions(preds, str(tasks), config(fake), progress=False)
+    assert message in str(caught.value) and str(preds) in str(caught.value)
+    assert fake.total() == 0 and not (preds.parent / "scores.json").exists()
+
+
+def test_a_subset_of_the_tasks_is_judged(tmp_path, fake):
+    tasks, preds = setup_files(tmp_path, ["WANT:5", "WANT:4", "WANT:3"])
+    preds.write_text("".join(preds.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
+    report = judge_predictions(preds, str(tasks), config(fake), progress=False).data
+    assert report["scored"] == 2 and report["unscored"] == 0  # generate.limit=2 style runs still judge
+
+
+def test_judge_exits_non_zero_when_nothing_was_scored(tmp_path, fake, capsys):
+    from tunebench.cli import main
+
+    tasks, preds = setup_files(tmp_path, ["CASE:NOSCORE", "CASE:NOSCORE その2"])
+    args = ["judge", str(preds), "--tasks", str(tasks), "--judge", "openai:fake-judge", "--base-url", fake.url,
+            "--set", "judge.max_retries=0"]
+    assert main(args) == 1
+    assert "no answer was scored (2 unscored" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from pathlib import Path
 from tunebench.commands.options import add_overrides_arg
 from tunebench.config import load_config
 from tunebench.data.templates import TEMPLATE_NAMES
+from tunebench.errors import ConfigError
 
 
 def register(sub) -> None:
@@ -45,6 +46,10 @@ def register(sub) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--template", choices=TEMPLATE_NAMES)
     serve.add_argument("--name", help="model name reported by /v1/models (default: the target)")
+    serve.add_argument("--max-tokens", type=int, default=1024,
+                       help="most new tokens one request may ask for (default 1024; more is a 400)")
+    serve.add_argument("--max-prompt-tokens", type=int, default=4096,
+                       help="longest prompt accepted, in tokens (default 4096; longer is a 400)")
     add_overrides_arg(serve, "generate.repetition_penalty=1.1")
     serve.set_defaults(func=run_serve)
 
@@ -92,17 +97,22 @@ def run_validate(args) -> int:
 
 def run_serve(args) -> int:
     from tunebench.generate.engine import Generator
-    from tunebench.generate.serve import make_server
+    from tunebench.generate.serve import Limits, make_server
     from tunebench.models.trained import load_for_inference, pick_template
 
     config = settings_for(args.target, None, args.overrides)
     loaded = load_for_inference(args.target)
     template = pick_template(loaded.template, args.template, loaded.tokenizer)
     generator = Generator(loaded.model, loaded.tokenizer, template, dataclasses.replace(config.generate, batch_size=1))
-    server = make_server(generator, args.name or args.target, args.host, args.port)
+    if args.max_tokens < 1 or args.max_prompt_tokens < 1:
+        raise ConfigError("--max-tokens and --max-prompt-tokens must be at least 1")
+    limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens)
+    server = make_server(generator, args.name or args.target, args.host, args.port, limits)
     print(f"serving {args.target} at http://{args.host}:{server.server_address[1]}/v1 (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
+    except KeyboardInterrupt:  # the way to stop a server: nothing to resume
+        print("server stopped", file=sys.stderr)
     finally:
         server.server_close()
     return 0

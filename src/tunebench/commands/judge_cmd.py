@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from tunebench.commands.options import add_overrides_arg
@@ -17,7 +18,8 @@ JUDGE_EPILOG = """examples:
   tunebench judge predictions.jsonl --judge openai:qwen2.5 --base-url http://127.0.0.1:11434/v1   # Ollama
   tunebench judge calibrate --judge openai:gpt-4o-mini --n 100     # agreement with GPT-4-class scores
 
-Judgments are cached in judgments.jsonl next to the predictions: a rerun pays only for what changed.
+Judgments are cached in judgments.jsonl next to the predictions: a rerun pays only for what changed
+(and asks again for unscored answers). Exits 1 when no answer could be scored.
 API keys are read from the environment (GEMINI_API_KEY, OPENAI_API_KEY or --api-key-env NAME) and sent
 only to their own provider or to a base URL you name (--base-url, OPENAI_BASE_URL), never to one that
 only a config file names, and never over plain http to another machine."""
@@ -115,6 +117,12 @@ def run_judge(args) -> int:
                                backend=user_backend(args, config))
     print(report.table())
     print(f"wrote {path.parent / 'scores.json'} and {path.parent / 'judgments.jsonl'}")
+    if not report.data["scored"]:
+        # A script must be able to tell: every call failed or no reply held a 1-5 score.
+        print(f"error: no answer was scored ({report.data['unscored']} unscored; each task's 'error' in "
+              f"{path.parent / 'scores.json'} says why); a rerun asks the judge again for the unscored ones",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -97,14 +97,16 @@ class Generator:
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int | None = None,
-                       min_new_tokens: int = 0) -> list[Answer]:
-        """One batch of encoded prompts, left-padded."""
+                       min_new_tokens: int = 0, stopping_criteria=None, streamer=None) -> list[Answer]:
+        """One batch of encoded prompts, left-padded. `stopping_criteria` (a transformers
+        StoppingCriteriaList) and `streamer` are passed to model.generate (serve uses them)."""
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = self.model.generate(input_ids=input_ids, attention_mask=mask, **self.generation_kwargs(max_new_tokens, min_new_tokens))
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=stopping_criteria,
+                                  streamer=streamer, **self.generation_kwargs(max_new_tokens, min_new_tokens))
         answers = []
         # A finished row is filled with pad ids until the batch ends: those are not generated text.
         ends = set(self.eos_ids) | {pad}

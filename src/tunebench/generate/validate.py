@@ -1,7 +1,9 @@
 """`tunebench validate`: is a predictions file exactly what the competition accepts?
 
 Exactly one line per task_id of the task file, inputs equal to the task file's, outputs non-empty
-strings, each line valid UTF-8 JSON. Every problem names its line and task_id.
+strings, each line valid UTF-8 JSON. Every problem names its line and task_id. JSON's loose corners
+are refused too: a task_id of `true` or `2.0` (Python would match them to tasks 1 and 2) and a lone
+surrogate such as "\ud800" in a string (strict JSON parsers and UTF-8 encoders reject it).
 """
 
 from __future__ import annotations
@@ -25,7 +27,19 @@ class Issue:
         return f"{where}: task_id {self.task_id!r}: {self.message}"
 
 
-def validate_predictions(path: Path, tasks: list[Task]) -> list[Issue]:
+def lone_surrogate(text: str) -> str | None:
+    """The first unpaired UTF-16 surrogate in text, as U+XXXX, or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"U+{ord(text[exc.start]):04X}"
+    return None
+
+
+def validate_predictions(path: Path, tasks: list[Task], require_all: bool = True,
+                         allow_extra_fields: bool = False) -> list[Issue]:
+    """Every problem of a predictions file. `require_all=False` accepts answers to a subset of the
+    tasks (the judge scores what is there); `allow_extra_fields` accepts fields beyond the three."""
     expected = {t.task_id: t.input for t in tasks}
     seen: dict[object, int] = {}
     issues: list[Issue] = []
@@ -50,6 +64,11 @@ def validate_predictions(path: Path, tasks: list[Task]) -> list[Issue]:
         if "task_id" not in row:
             issues.append(Issue(line_no, None, "field 'task_id' is missing"))
             continue
+        if isinstance(task_id, bool) or not isinstance(task_id, (int, str)):
+            # True == 1 and 2.0 == 2 in Python: without this they would pass as tasks 1 and 2.
+            issues.append(Issue(line_no, task_id, f"field 'task_id' must be an integer or string as in the task "
+                                                  f"file, got {type(task_id).__name__}"))
+            continue
         if task_id not in expected:
             issues.append(Issue(line_no, task_id, "not a task of the task file (extra)"))
             continue
@@ -64,10 +83,13 @@ def validate_predictions(path: Path, tasks: list[Task]) -> list[Issue]:
             issues.append(Issue(line_no, task_id, f"field 'output' must be a string, got {type(output).__name__}"))
         elif not output.strip():
             issues.append(Issue(line_no, task_id, "field 'output' is empty"))
+        elif surrogate := lone_surrogate(output):
+            issues.append(Issue(line_no, task_id, f"field 'output' holds a lone surrogate {surrogate} "
+                                                  "(not encodable as UTF-8; strict JSON parsers reject it)"))
         extra = set(row) - {"task_id", "input", "output"}
-        if extra:
+        if extra and not allow_extra_fields:
             issues.append(Issue(line_no, task_id, f"unexpected field(s): {', '.join(sorted(extra))}"))
-    for task in tasks:
+    for task in tasks if require_all else ():
         if task.task_id not in seen:
             issues.append(Issue(None, task.task_id, "no answer for this task"))
     return issues

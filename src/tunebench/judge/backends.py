@@ -54,6 +54,7 @@ class EmptyReply(Exception):
 
 class JudgeBackend(Protocol):
     name: str
+    endpoint: str  # where requests go (a base URL); judgments are cached per endpoint
 
     def complete(self, prompt: str, temperature: float) -> str: ...
 
@@ -147,6 +148,7 @@ class OpenAIBackend:
         key = read_key(key_env, base_url, required=urlsplit(base_url).hostname in PROVIDER_HOSTS.values(),
                        trust=trust)
         self.client = OpenAI(api_key=key, base_url=base_url, timeout=timeout_s, max_retries=0)
+        self.endpoint = str(self.client.base_url)  # part of the cache key: another server, another judgment
 
     def complete(self, prompt: str, temperature: float) -> str:
         import openai
@@ -184,6 +186,7 @@ class GeminiBackend:
 
         self.name = f"gemini:{model}"
         self.model = model
+        self.endpoint = "google-genai"
         self.client = genai.Client(api_key=read_key(key_env, GEMINI_OPENAI_URL, required=True, trust=trust),
                                    http_options={"timeout": int(timeout_s * 1000)})
 
@@ -215,6 +218,7 @@ class LocalBackend:
         from tunebench.models.trained import load_for_inference, pick_template
 
         self.name = f"local:{target}"
+        self.endpoint = "local"
         loaded = load_for_inference(target)
         # the same rule as generate: a run's own template, else a plain model's chat template
         template = pick_template(loaded.template, None, loaded.tokenizer)

@@ -73,7 +73,7 @@ def calibrate(config: JudgeConfig, n: int, out_dir: Path, data_dir: str | None =
     runner = JudgeRunner(backend, load_rubric(config.prompt_file, True), out_dir / "judgments.jsonl",
                          samples=1, temperature=config.temperature, concurrency=config.concurrency,
                          requests_per_minute=config.requests_per_minute, max_retries=config.max_retries,
-                         backoff_s=config.backoff_s)
+                         backoff_s=config.backoff_s, max_wait_s=config.max_wait_s)
     judgments = runner.judge_all(items, progress)
     ours, theirs = [], []
     for item, row in zip(items, sample):

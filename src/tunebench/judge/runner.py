@@ -1,8 +1,12 @@
 """Judge many answers: concurrency, a requests-per-minute cap, retries with backoff, and a cache.
 
-Every judgment is appended to a JSONL keyed by judge, prompt hash, answer hash and sample index,
-so a rerun pays for nothing twice, an interrupted run resumes, and a changed prompt or answer is
-re-judged alone. A reply with no parsable score is retried, then stored unscored with its text.
+Every judgment is appended to a JSONL keyed by judge, endpoint, prompt hash, answer hash and sample
+index, so a rerun pays for nothing twice, an interrupted run resumes, and a changed prompt, answer or
+endpoint is re-judged alone. A reply with no parsable score is retried, then stored unscored with its
+text; only scored records are final: a rerun asks again for the unscored ones (an outage, timeouts or
+unparsable replies do not leave a task unscored for good). Records written before the endpoint was
+part of the key are misses (judged again once), since which server gave them is unknown.
+Ctrl-C cancels the queued requests, waits only for the ones already sent, and returns what finished.
 """
 
 from __future__ import annotations
@@ -44,18 +48,18 @@ class RateLimiter:
         self.next_start = 0.0
         self.lock = threading.Lock()
 
-    def wait(self) -> None:
+    def wait(self, stop: threading.Event) -> None:
         if not self.interval:
             return
         with self.lock:
             now = time.monotonic()
             start = max(now, self.next_start)
             self.next_start = start + self.interval
-        time.sleep(max(0.0, start - now))
+        stop.wait(max(0.0, start - now))  # Ctrl-C ends the wait
 
 
-def cache_key(judge: str, prompt_hash: str, answer_hash: str, sample: int) -> str:
-    return text_hash(judge, prompt_hash, answer_hash, str(sample))
+def cache_key(judge: str, endpoint: str, prompt_hash: str, answer_hash: str, sample: int) -> str:
+    return text_hash(judge, endpoint, prompt_hash, answer_hash, str(sample))
 
 
 def load_cache(path: Path) -> dict[str, dict]:
@@ -66,7 +70,7 @@ def load_cache(path: Path) -> dict[str, dict]:
 class JudgeRunner:
     def __init__(self, backend: JudgeBackend, rubric: str, cache_path: Path, *, samples: int = 1,
                  temperature: float = 0.0, concurrency: int = 4, requests_per_minute: int | None = None,
-                 max_retries: int = 5, backoff_s: float = 1.0):
+                 max_retries: int = 5, backoff_s: float = 1.0, max_wait_s: float = 60.0):
         self.backend = backend
         self.rubric = rubric
         self.prompt_hash = text_hash(rubric)
@@ -77,39 +81,68 @@ class JudgeRunner:
         self.limiter = RateLimiter(requests_per_minute)
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.max_wait_s = max_wait_s
+        self.endpoint = getattr(backend, "endpoint", "")
         self.write_lock = threading.Lock()
+        self.stopping = threading.Event()  # set on Ctrl-C: no new attempts, no more pauses
+        self.interrupted = False
 
     def judge_all(self, items: list[Item], progress: bool = True) -> dict[object, list[dict]]:
-        """Judgments per task_id (one per sample), from the cache or the backend."""
+        """Judgments per task_id (one per sample), from the cache or the backend.
+
+        After Ctrl-C the result holds what finished and `self.interrupted` is True."""
         cache = load_cache(self.cache_path)
         jobs, results = [], {item.task_id: [] for item in items}
         for item in items:
             answer_hash = text_hash(item.input, item.output, item.reference, item.eval_aspect)
             for sample in range(self.samples):
-                key = cache_key(self.backend.name, self.prompt_hash, answer_hash, sample)
-                if key in cache:
+                key = cache_key(self.backend.name, self.endpoint, self.prompt_hash, answer_hash, sample)
+                if key in cache and cache[key].get("score") is not None:
                     results[item.task_id].append(cache[key])
-                else:
+                else:  # never judged, or unscored last time (an outage, a timeout): ask again
                     jobs.append((item, sample, key, answer_hash))
         if jobs:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             bar = tqdm(total=len(jobs), desc=f"judge {self.backend.name}", unit="call", disable=not progress)
-            with ThreadPoolExecutor(self.concurrency) as pool:
-                futures = [pool.submit(self.judge_one, *job) for job in jobs]
+            pool = ThreadPoolExecutor(self.concurrency)
+            futures = [pool.submit(self.judge_one, *job) for job in jobs]
+            collected = set()
+            try:
                 for future in as_completed(futures):
+                    collected.add(future)
                     record = future.result()  # a JudgeError stops the run; finished records are saved
-                    results[record["task_id"]].append(record)
+                    if record is not None:
+                        results[record["task_id"]].append(record)
                     bar.update(1)
-            bar.close()
+            except KeyboardInterrupt:
+                self.interrupted = True
+                self.stopping.set()
+                log.warning("interrupted: cancelling %d queued judgment(s), waiting for the ones already sent",
+                            sum(not f.done() for f in futures))
+            finally:
+                self.stopping.set()
+                # Queued requests are never sent (the pool's own exit would send them all).
+                pool.shutdown(wait=True, cancel_futures=True)
+                bar.close()
+            for future in futures:  # requests in flight at the interrupt finished meanwhile
+                if future not in collected and future.done() and not future.cancelled() and not future.exception():
+                    record = future.result()
+                    if record is not None:
+                        results[record["task_id"]].append(record)
         for records in results.values():
             records.sort(key=lambda r: r["sample"])
         return results
 
-    def judge_one(self, item: Item, sample: int, key: str, answer_hash: str) -> dict:
+    def judge_one(self, item: Item, sample: int, key: str, answer_hash: str) -> dict | None:
+        """One judgment, recorded in the cache; None when cancelled by Ctrl-C before any reply."""
         prompt = fill(self.rubric, item.input, item.output, item.reference, item.eval_aspect)
         raw, error, score = None, None, None
         for attempt in range(self.max_retries + 1):
-            self.limiter.wait()
+            self.limiter.wait(self.stopping)
+            if self.stopping.is_set():
+                if attempt == 0:
+                    return None
+                break
             try:
                 raw = self.backend.complete(prompt, self.temperature)
             except TransientError as exc:
@@ -127,7 +160,7 @@ class JudgeRunner:
             error = "no parsable 1-5 score in the reply"
             self.pause(attempt, None)
         record = {"key": key, "task_id": item.task_id, "sample": sample, "judge": self.backend.name,
-                  "prompt_hash": self.prompt_hash, "answer_hash": answer_hash, "score": score,
+                  "endpoint": self.endpoint, "prompt_hash": self.prompt_hash, "answer_hash": answer_hash, "score": score,
                   "reason": reason_of(raw) if raw and score is not None else None, "raw": raw, "error": error}
         if score is None:
             log.warning("task %s sample %d unscored after %d attempt(s): %s", item.task_id, sample,
@@ -139,6 +172,7 @@ class JudgeRunner:
     def pause(self, attempt: int, retry_after: float | None) -> None:
         if attempt >= self.max_retries:
             return
-        # Exponential backoff with full jitter; a server's Retry-After wins when it asks for longer.
+        # Exponential backoff with full jitter; a server's Retry-After wins when it asks for longer,
+        # up to judge.max_wait_s (a server asking for an hour would otherwise stall the run silently).
         delay = self.backoff_s * (2 ** attempt) * (0.5 + random.random() / 2)
-        time.sleep(min(60.0, max(delay, retry_after or 0.0)))
+        self.stopping.wait(min(self.max_wait_s, max(delay, retry_after or 0.0)))

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunebench.config import JudgeConfig
 from tunebench.errors import DataError
+from tunebench.generate.validate import validate_predictions
 from tunebench.judge.backends import JudgeBackend, make_backend
 from tunebench.judge.rubric import load_rubric
 from tunebench.judge.runner import Item, JudgeRunner
 from tunebench.judge.stats import bootstrap_ci
 from tunebench.runs import write_json_atomic
-from tunebench.tasksets import load_tasks, read_records
+from tunebench.tasksets import Task, load_tasks, read_records
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,12 +37,19 @@ class ScoreReport:
         return "\n".join(lines)
 
 
-def read_predictions(path: Path) -> list[dict]:
-    return [row for _, row in read_records(path, ("task_id", "input", "output"), "; run `tunebench validate`")]
+def read_predictions(path: Path, tasks: list[Task]) -> list[dict]:
+    """The predictions, validated first (validate.py's rules): a duplicated task, an empty or
+    non-string output would otherwise be judged (and paid for) as "None", "123" or twice."""
+    issues = validate_predictions(path, tasks, require_all=False, allow_extra_fields=True)
+    if issues:
+        more = f" (and {len(issues) - 3} more)" if len(issues) > 3 else ""
+        raise DataError(f"{path}: {'; '.join(str(i) for i in issues[:3])}{more}; nothing was judged. "
+                        f"See `tunebench validate {path} --tasks ...`")
+    return [row for _, row in read_records(path, ("task_id", "input", "output"))]
 
 
-def build_items(predictions: list[dict], tasks_name: str) -> list[Item]:
-    tasks = {t.task_id: t for t in load_tasks(tasks_name)}
+def build_items(predictions: list[dict], tasks_name: str, task_list: list[Task] | None = None) -> list[Item]:
+    tasks = {t.task_id: t for t in task_list or load_tasks(tasks_name)}
     items = []
     for row in predictions:
         task = tasks.get(row["task_id"])
@@ -46,7 +57,7 @@ def build_items(predictions: list[dict], tasks_name: str) -> list[Item]:
             raise DataError(f"task_id {row['task_id']!r} is not in {tasks_name}: judge with the task file it answers")
         if task.input != row["input"]:
             raise DataError(f"task_id {row['task_id']!r}: input differs from {tasks_name}; wrong --tasks?")
-        items.append(Item(row["task_id"], row["input"], str(row["output"]), task.reference, task.eval_aspect))
+        items.append(Item(row["task_id"], row["input"], row["output"], task.reference, task.eval_aspect))
     return items
 
 
@@ -61,9 +72,9 @@ def aggregate(items: list[Item], judgments: dict, judge: str, tasks_name: str, p
         per_task.append({"task_id": item.task_id, "score": mean, "scores": [r["score"] for r in records],
                          "spread": statistics.pstdev(scores) if len(scores) > 1 else 0.0 if scores else None,
                          "reason": next((r["reason"] for r in records if r["reason"]), None),
-                         "error": next((r["error"] for r in records if r["error"]), None),
+                         "error": next((r["error"] for r in records if r["error"]), None if records else "not judged"),
                          "output": item.output})
-    low, high = bootstrap_ci(means)
+    low, high = bootstrap_ci(means) if means else (None, None)  # null in scores.json, never NaN (invalid JSON)
     return {"judge": judge, "tasks": tasks_name, "prompt_hash": prompt_hash,
             "mean": statistics.fmean(means) if means else None, "ci_low": low, "ci_high": high,
             "scored": len(means), "unscored": len(items) - len(means),
@@ -72,7 +83,8 @@ def aggregate(items: list[Item], judgments: dict, judge: str, tasks_name: str, p
 
 def judge_predictions(predictions: Path, tasks_name: str, config: JudgeConfig, out_dir: Path | None = None,
                       backend: JudgeBackend | None = None, progress: bool = True) -> ScoreReport:
-    items = build_items(read_predictions(predictions), tasks_name)
+    tasks = load_tasks(tasks_name)
+    items = build_items(read_predictions(predictions, tasks), tasks_name, tasks)
     has_reference = all(i.reference for i in items)
     rubric = load_rubric(config.prompt_file, has_reference)
     backend = backend or make_backend(config)
@@ -80,9 +92,14 @@ def judge_predictions(predictions: Path, tasks_name: str, config: JudgeConfig, o
     runner = JudgeRunner(backend, rubric, out_dir / "judgments.jsonl", samples=config.samples,
                          temperature=config.temperature, concurrency=config.concurrency,
                          requests_per_minute=config.requests_per_minute, max_retries=config.max_retries,
-                         backoff_s=config.backoff_s)
+                         backoff_s=config.backoff_s, max_wait_s=config.max_wait_s)
     judgments = runner.judge_all(items, progress)
     report = aggregate(items, judgments, backend.name, tasks_name, runner.prompt_hash)
     report["rubric"] = "reference" if has_reference else "reference-free"
+    report["interrupted"] = runner.interrupted
     write_json_atomic(out_dir / "scores.json", report)
+    if runner.interrupted:  # what finished is written; the CLI says so and exits 130
+        log.warning("judging interrupted: %d of %d task(s) scored, written to %s", report["scored"], len(items),
+                    out_dir / "scores.json")
+        raise KeyboardInterrupt
     return ScoreReport(report)
