@@ -129,6 +129,10 @@ class JudgeConfig:
     samples: int = 1
     temperature: float = 0.0
     prompt_file: str | None = None  # overrides the shipped rubric
+    pairwise_prompt_file: str | None = None  # overrides the shipped pairwise prompt (`tunebench compare`)
+    language_gate: bool = False  # answers under language_threshold lose ELYZA's "unnatural Japanese" point
+    language_gate_strict: bool = False  # ...or score 1 outright, with no judge call
+    language_threshold: float = 0.5  # least share of Japanese letters (kana, kanji) an answer needs
 
 
 @dataclass
