@@ -15,6 +15,8 @@ JUDGE_EPILOG = """examples:
   tunebench judge predictions.jsonl --tasks elyza-tasks-100 --judge openai:gpt-4o-mini --samples 3
   tunebench judge predictions.jsonl --judge openai:qwen2.5 --base-url http://127.0.0.1:11434/v1   # Ollama
   tunebench judge calibrate --judge openai:gpt-4o-mini --n 100     # agreement with GPT-4-class scores
+  tunebench judge calibrate --pairwise --judge openai:gpt-4o-mini  # picks the better of two published answers?
+  tunebench judge preds.jsonl --judge openai:gpt-4o-mini --judge gemini:gemini-2.5-flash   # a panel of judges
 
 Judgments are cached in judgments.jsonl next to the predictions: a rerun pays only for what changed.
 API keys are read from the environment (GEMINI_API_KEY, OPENAI_API_KEY or --api-key-env NAME)."""
@@ -26,7 +28,8 @@ def register(sub) -> None:
                            description="Score each answer on ELYZA's 1-5 scale and report the mean with a 95% CI.")
     judge.add_argument("predictions", metavar="PREDICTIONS|calibrate",
                        help="a predictions JSONL (or a run directory), or the word 'calibrate'")
-    judge.add_argument("--judge", help="BACKEND:MODEL — openai:MODEL, gemini:MODEL or local:RUN_OR_MODEL")
+    judge.add_argument("--judge", action="append", default=[],
+                       help="BACKEND:MODEL — openai:MODEL, gemini:MODEL or local:RUN_OR_MODEL (repeat for a panel)")
     judge.add_argument("--tasks", help="task set the answers belong to (default: the run's generate.tasks)")
     judge.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     judge.add_argument("--api-key-env", help="environment variable holding the API key")
@@ -40,6 +43,8 @@ def register(sub) -> None:
     judge.add_argument("--data", help="calibrate: judge-calibration folder (default: shared/data/judge-calibration)")
     judge.add_argument("--reference-judge", default="gpt-4-turbo-preview", help="calibrate: judge to compare with")
     judge.add_argument("--out", help="calibrate: output folder (default runs/calibration/<judge>)")
+    judge.add_argument("--pairwise", action="store_true",
+                       help="calibrate: pairs of published answers scored ≥2 apart; how often the judge picks the better")
     judge.set_defaults(func=run_judge)
 
     evaluate = sub.add_parser("eval", help="API-free evaluation signals",
@@ -59,7 +64,7 @@ def judge_settings(args, run_config: Path | None):
     config_path = args.config or (str(run_config) if run_config and run_config.exists() else None)
     config = load_config(config_path, args.overrides)
     j = config.judge
-    for field, value in (("judge", args.judge), ("base_url", args.base_url), ("api_key_env", args.api_key_env),
+    for field, value in (("judge", args.judge[0] if args.judge else None), ("base_url", args.base_url), ("api_key_env", args.api_key_env),
                          ("samples", args.samples), ("temperature", args.temperature),
                          ("concurrency", args.concurrency), ("requests_per_minute", args.rpm)):
         if value is not None:
@@ -80,6 +85,13 @@ def run_judge(args) -> int:
         config = judge_settings(args, None)
         safe = config.judge.judge.replace(":", "_").replace("/", "_")
         out = Path(args.out) if args.out else Path("runs") / "calibration" / safe
+        if args.pairwise:
+            from tunebench.judge.calibrate_pairwise import calibrate_pairwise, format_pairwise_calibration
+
+            result = calibrate_pairwise(config.judge, args.n, out, args.data, args.reference_judge)
+            print(format_pairwise_calibration(result))
+            print(f"wrote {out / 'calibration_pairwise.json'}")
+            return 0
         result = calibrate(config.judge, args.n, out, args.data, args.reference_judge)
         print(format_calibration(result))
         print(f"wrote {out / 'calibration.json'}")
@@ -92,6 +104,14 @@ def run_judge(args) -> int:
     if not path.exists():
         raise ConfigError(f"{path}: no predictions file; run `tunebench generate` first")
     config = judge_settings(args, path.parent / "config.yaml")
+    if len(args.judge) > 1:
+        from tunebench.judge.panel import format_panel, judge_panel
+
+        report = judge_panel(path, args.tasks or config.generate.tasks, config.judge, args.judge)
+        print(report.table())
+        print(format_panel(report.data))
+        print(f"wrote {path.parent / 'scores.json'} and {path.parent / 'judgments.jsonl'}")
+        return 0
     report = judge_predictions(path, args.tasks or config.generate.tasks, config.judge)
     print(report.table())
     print(f"wrote {path.parent / 'scores.json'} and {path.parent / 'judgments.jsonl'}")

@@ -42,3 +42,31 @@ def gated_score(judge_score: int | None, strict: bool) -> int | None:
     if strict:
         return 1
     return None if judge_score is None else max(1, judge_score - 1)
+
+
+def apply_language_gate(items: list, judgments: dict[object, list[dict]], threshold: float, strict: bool
+                        ) -> dict[object, list[dict]]:
+    """Judgments with the gate applied to answers under `threshold`: the judge's score one point lower,
+    or in strict mode one record scoring 1 (such answers were not sent to the judge)."""
+    out = {}
+    for item in items:
+        share = japanese_share(item.output)
+        records = judgments.get(item.task_id, [])
+        if share >= threshold:
+            out[item.task_id] = records
+            continue
+        reason = GATE_REASON.format(share=share, threshold=threshold)
+        if strict:
+            out[item.task_id] = [{"task_id": item.task_id, "sample": 0, "score": 1, "reason": reason, "error": None,
+                                  "language_gate": True}]
+        else:
+            out[item.task_id] = [{**r, "judge_score": r["score"], "score": gated_score(r["score"], False),
+                                  "reason": f"{reason}; −1. {r['reason'] or ''}".strip(), "language_gate": True}
+                                 for r in records]
+    return out
+
+
+def language_summary(items: list, threshold: float) -> dict:
+    """Per-task Japanese share and the answers under the threshold, for reports."""
+    shares = {item.task_id: japanese_share(item.output) for item in items}
+    return {"threshold": threshold, "flagged": [t for t, s in shares.items() if s < threshold], "japanese_share": shares}

@@ -12,9 +12,11 @@ import dataclasses
 import statistics
 from collections import Counter
 from itertools import combinations
+from pathlib import Path
 
 from tunebench.config import JudgeConfig
 from tunebench.judge.stats import agreement, bootstrap_ci
+from tunebench.runs import write_json_atomic
 
 
 def panel_configs(config: JudgeConfig, specs: list[str]) -> list[JudgeConfig]:
@@ -71,3 +73,29 @@ def panel_scores(reports: list[dict]) -> dict:
             "per_task": per_task,
             "panel": {"judges": [{k: v for k, v in r.items() if k != "per_task"} for r in reports],
                       "agreement": score_agreement(per_judge)}}
+
+
+def judge_panel(predictions: Path, tasks_name: str, config: JudgeConfig, specs: list[str], out_dir: Path | None = None,
+                backends: list | None = None, progress: bool = True):
+    """`tunebench judge` with several judges: each scores (sharing one cache), then the panel's scores.json."""
+    from tunebench.judge.score import ScoreReport, judge_predictions
+
+    out_dir = out_dir or predictions.parent
+    reports = [judge_predictions(predictions, tasks_name, judge_config, out_dir,
+                                 backends[i] if backends else None, progress).data
+               for i, judge_config in enumerate(panel_configs(config, specs))]
+    combined = panel_scores(reports)
+    write_json_atomic(out_dir / "scores.json", combined)
+    return ScoreReport(combined)
+
+
+def format_panel(report: dict) -> str:
+    lines = []
+    for judge in report["panel"]["judges"]:
+        mean = "–" if judge["mean"] is None else f"{judge['mean']:.3f} ({judge['ci_low']:.3f}–{judge['ci_high']:.3f})"
+        lines.append(f"  {judge['judge']}: mean {mean}, {judge['scored']} scored, {judge['unscored']} unscored")
+    for pair in report["panel"]["agreement"]:
+        if pair["n"]:
+            lines.append(f"  agreement {pair['judges'][0]} / {pair['judges'][1]} on {pair['n']}: exact {pair['exact']:.1%}, "
+                         f"within ±1 {pair['within_1']:.1%}, pearson {pair['pearson']:.3f}")
+    return "\n".join(lines)

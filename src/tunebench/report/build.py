@@ -7,6 +7,7 @@ from html import escape
 from pathlib import Path
 
 from tunebench.report.collect import RunRecord, config_differences, load_run, wins_and_losses
+from tunebench.report.pairwise import pairwise_section, verdict_cell
 from tunebench.report.svg import line_chart
 
 STYLE = """
@@ -63,10 +64,12 @@ def html_table(head: list[str], rows: list[list[str]], table_id: str, raw_cols: 
     return "".join(out)
 
 
-def render_html(runs: list[RunRecord]) -> str:
+def render_html(runs: list[RunRecord], pairwise: dict | None = None) -> str:
     title = "tunebench report: " + " vs ".join(r.name for r in runs)
     parts = [f"<!doctype html><html lang='ja'><head><meta charset='utf-8'><title>{escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>"]
+    if pairwise:  # `tunebench compare`'s result leads: it is the sensitive comparison of two runs
+        parts.append(pairwise_section(pairwise))
     parts.append("<h2>Scores</h2>" + html_table(SUMMARY_HEAD, summary_rows(runs), "score-table"))
     parts.append("<h2>Training loss</h2>")
     parts.append(line_chart({r.name: [(s, v) for s, v in r.losses] for r in runs}, "training loss (answer tokens)",
@@ -98,14 +101,17 @@ def render_html(runs: list[RunRecord]) -> str:
             parts.append(html_table(["task", runs[0].name, runs[1].name, "Δ"],
                                     [[str(t), fmt(a, 2), fmt(b, 2), f"{d:+.2f}"] for t, a, b, d in rows],
                                     f"{label}-table") if rows else "<p>none</p>")
-    parts.append("<h2>Per task</h2>" + per_task_table(runs))
+    parts.append("<h2>Per task</h2>" + per_task_table(runs, pairwise))
     parts.append("</body></html>")
     return "".join(parts)
 
 
-def per_task_table(runs: list[RunRecord]) -> str:
+def per_task_table(runs: list[RunRecord], pairwise: dict | None = None) -> str:
     task_ids = list(dict.fromkeys(t for r in runs for t in r.predictions))
     head = ["task", "input"] + [f"{r.name} (score)" for r in runs]
+    verdicts = {row["task_id"]: row for row in (pairwise or {}).get("per_task", [])}
+    if pairwise:
+        head.append("pairwise verdict")
     rows = []
     for task_id in task_ids:
         first = next(r.predictions[task_id] for r in runs if task_id in r.predictions)
@@ -115,12 +121,21 @@ def per_task_table(runs: list[RunRecord]) -> str:
             score = run.task_scores.get(task_id)
             text = escape(pred["output"]) if pred else "<em>missing</em>"
             cells.append(f'<div class="answer"><b>{fmt(score, 2)}</b>\n{text}</div>')
+        if pairwise:
+            cells.append(verdict_cell(verdicts[task_id], pairwise["a"]["name"], pairwise["b"]["name"])
+                         if task_id in verdicts else "<em>not compared</em>")
         rows.append(cells)
     return html_table(head, rows, "task-table", raw_cols=set(range(len(head))))
 
 
-def render_markdown(runs: list[RunRecord]) -> str:
-    lines = ["# tunebench report: " + " vs ".join(r.name for r in runs), "",
+def render_markdown(runs: list[RunRecord], pairwise: dict | None = None) -> str:
+    lines = ["# tunebench report: " + " vs ".join(r.name for r in runs), ""]
+    if pairwise:
+        from tunebench.judge.compare import format_summary
+
+        lines += [format_summary(s, pairwise["a"]["name"], pairwise["b"]["name"]).replace("\n", "  \n")
+                  for s in pairwise["judges"] + ([pairwise["panel"]] if pairwise["panel"] else [])] + [""]
+    lines += [
              "| " + " | ".join(SUMMARY_HEAD) + " |", "|" + "---|" * len(SUMMARY_HEAD)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in summary_rows(runs)]
     if len(runs) >= 2:
@@ -130,10 +145,10 @@ def render_markdown(runs: list[RunRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(roots: list[Path], out_dir: Path) -> tuple[Path, Path]:
+def write_report(roots: list[Path], out_dir: Path, pairwise: dict | None = None) -> tuple[Path, Path]:
     runs = [load_run(Path(root)) for root in roots]
     out_dir.mkdir(parents=True, exist_ok=True)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    html_path.write_text(render_html(runs), encoding="utf-8")
-    md_path.write_text(render_markdown(runs), encoding="utf-8")
+    html_path.write_text(render_html(runs, pairwise), encoding="utf-8")
+    md_path.write_text(render_markdown(runs, pairwise), encoding="utf-8")
     return html_path, md_path
