@@ -54,16 +54,18 @@ def pairwise_section(result: dict) -> str:
 
 
 def verdict_cell(row: dict, name_a: str, name_b: str) -> str:
-    """One task's verdict (and each judge's reasons in both orders) for the per-task table."""
-    label = {"A": f"{name_a} wins", "B": f"{name_b} wins", "tie": "tie", None: "unscored"}[row["winner"]]
+    """One task's verdict, then each judge's verdict and reasons in both orders, for the per-task table."""
+    labels = {"A": f"{name_a} wins", "B": f"{name_b} wins", "tie": "tie", None: "unscored"}
+    said = {"A": name_a, "B": name_b, "tie": "tie", None: "unscored"}
     css = {"A": "bad", "B": "ok"}.get(row["winner"], "")
-    lines = [f'<div class="answer"><b class="{css}">{escape(label)}</b>']
+    lines = [f'<div class="answer"><b class="{css}">{escape(labels[row["winner"]])}</b>']
     for judge, verdict in row["verdicts"].items():
-        if verdict["gated"]:
-            lines.append(f"\n{escape(judge)}: language gate")
-            continue
-        for order in ("AB", "BA"):
-            said = verdict["orders"].get(order)
+        if len(row["verdicts"]) > 1 or verdict["gated"]:
+            gate = " (language gate)" if verdict["gated"] else ""
+            lines.append(f"\n<i>{escape(judge)}: {escape(labels[verdict['winner']])}{gate}</i>")
+        for order in ("AB", "BA") if not verdict["gated"] else ():
             why = verdict["reasons"].get(order) or verdict["errors"].get(order) or ""
-            lines.append(f"\n{escape(judge)} [{order}]: {escape(str(said))} — {escape(why[:200])}")
+            shown_first = name_a if order == "AB" else name_b
+            lines.append(f"\n[{escape(shown_first)} first] → {escape(said[verdict['orders'].get(order)])}: "
+                         f"{escape(why[:200])}")
     return "".join(lines) + "</div>"
