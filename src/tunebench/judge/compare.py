@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import yaml
+
 from tunebench.config import JudgeConfig
 from tunebench.errors import DataError
 from tunebench.judge.backends import JudgeBackend, make_backend
@@ -30,7 +32,14 @@ def predictions_path(run_or_predictions: Path) -> Path:
 
 
 def side_name(run_or_predictions: Path) -> str:
-    return run_or_predictions.name if run_or_predictions.is_dir() else run_or_predictions.parent.name
+    """The run's name as `tunebench report` shows it: config.yaml's `name`, else the folder's."""
+    folder = run_or_predictions if run_or_predictions.is_dir() else run_or_predictions.parent
+    config = folder / "config.yaml"
+    if config.exists():
+        name = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("name")
+        if name:
+            return str(name)
+    return folder.name
 
 
 def build_pairs(path_a: Path, path_b: Path, tasks_name: str) -> list[Pair]:
@@ -80,7 +89,10 @@ def compare_runs(run_a: Path, run_b: Path, tasks_name: str, config: JudgeConfig,
                          "japanese_share_b": facts["b"]["japanese_share"][pair.task_id],
                          "winner": (panel_rows[i]["winner"] if panel else rows_by_judge[judges[0]["judge"]][i]["winner"]),
                          "verdicts": {name: rows[i] for name, rows in rows_by_judge.items()}})
-    result = {"a": {"name": side_name(run_a), "path": str(run_a)}, "b": {"name": side_name(run_b), "path": str(run_b)},
+    name_a, name_b = side_name(run_a), side_name(run_b)
+    if name_a == name_b:  # two tries of one config: tell them apart by folder
+        name_a, name_b = (p.parent.name if p.is_file() else p.name for p in (run_a, run_b))
+    result = {"a": {"name": name_a, "path": str(run_a)}, "b": {"name": name_b, "path": str(run_b)},
               "task_set": tasks_name, "headline": headline, "judges": judges, "panel": panel,
               "lengths": {"a": facts["a"]["lengths"], "b": facts["b"]["lengths"]},
               "language_threshold": config.language_threshold,
