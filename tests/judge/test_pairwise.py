@@ -99,6 +99,7 @@ def test_unparsable_pairs_are_unscored_not_ties(tmp_path, fake):
     assert head["scored"] == 1 and head["unscored"] == 1 and head["wins"] == 1 and head["ties"] == 0
     bad = result["per_task"][0]["verdicts"]["openai:pair-good"]
     assert bad["winner"] is None and "no parsable verdict" in bad["errors"]["AB"]
+    assert bad["unparsed"]["AB"] == "よくできていますが、点数はつけません。"  # kept for the report
 
 
 def test_longer_answer_judge_is_flagged_by_length_control(tmp_path, fake):

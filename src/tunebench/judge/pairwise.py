@@ -164,6 +164,8 @@ def judge_pairs(pairs: list[Pair], config: JudgeConfig, backend: JudgeBackend, c
                 row["reasons"][order] = record["reason"]
                 if record["error"]:
                     row["errors"][order] = record["error"]
+                    if record["raw"]:  # what the judge said instead of a verdict, for the report
+                        row.setdefault("unparsed", {})[order] = record["raw"][:300]
             row["winner"], row["consistent"] = combine_orders(row["orders"]["AB"], row["orders"]["BA"])
         rows.append(row)
     return rows

@@ -62,10 +62,12 @@ def verdict_cell(row: dict, name_a: str, name_b: str) -> str:
     for judge, verdict in row["verdicts"].items():
         if len(row["verdicts"]) > 1 or verdict["gated"]:
             gate = " (language gate)" if verdict["gated"] else ""
-            lines.append(f"\n<i>{escape(judge)}: {escape(labels[verdict['winner']])}{gate}</i>")
+            lines.append(f"<br><i>{escape(judge)}: {escape(labels[verdict['winner']])}{gate}</i>")
         for order in ("AB", "BA") if not verdict["gated"] else ():
             why = verdict["reasons"].get(order) or verdict["errors"].get(order) or ""
+            if order in verdict.get("unparsed", {}):
+                why += f" (reply: {verdict['unparsed'][order][:120]})"
             shown_first = name_a if order == "AB" else name_b
-            lines.append(f"\n[{escape(shown_first)} first] → {escape(said[verdict['orders'].get(order)])}: "
-                         f"{escape(why[:200])}")
+            lines.append(f"<br>[{escape(shown_first)} first] → {escape(said[verdict['orders'].get(order)])}: "
+                         f"{escape(why[:320])}")
     return "".join(lines) + "</div>"
