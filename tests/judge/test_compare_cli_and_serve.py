@@ -34,6 +34,7 @@ def test_compare_cli_writes_result_and_report(tmp_path, capsys):
     html = (tmp_path / "cmp" / "report.html").read_text(encoding="utf-8")
     assert html.index('id="pairwise"') < html.index("<h2>Scores</h2>")  # the pairwise result leads
     assert "pairwise verdict" in html and "try1 wins" in html and "答え&lt;script&gt;" in html
+    assert html.count("[33% Japanese]") == 1  # "GOOD 答え": 4 Latin letters, 2 Japanese; flagged beside it
     for run in (a, b):  # `tunebench report` reads run directories
         (run / "config.yaml").write_text(f"name: {run.name}\n", encoding="utf-8")
     code = main(["report", str(a), str(b), "--compare", str(tmp_path / "cmp" / "compare.json"),

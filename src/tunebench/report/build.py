@@ -6,6 +6,7 @@ import json
 from html import escape
 from pathlib import Path
 
+from tunebench.judge.language import fails_gate, japanese_share
 from tunebench.report.collect import RunRecord, config_differences, load_run, wins_and_losses
 from tunebench.report.pairwise import pairwise_section, verdict_cell
 from tunebench.report.svg import line_chart
@@ -106,6 +107,9 @@ def render_html(runs: list[RunRecord], pairwise: dict | None = None) -> str:
     return "".join(parts)
 
 
+LANGUAGE_THRESHOLD = 0.5  # answers with fewer Japanese letters than this are marked (judge/language.py)
+
+
 def per_task_table(runs: list[RunRecord], pairwise: dict | None = None) -> str:
     task_ids = list(dict.fromkeys(t for r in runs for t in r.predictions))
     head = ["task", "input"] + [f"{r.name} (score)" for r in runs]
@@ -120,6 +124,8 @@ def per_task_table(runs: list[RunRecord], pairwise: dict | None = None) -> str:
             pred = run.predictions.get(task_id)
             score = run.task_scores.get(task_id)
             text = escape(pred["output"]) if pred else "<em>missing</em>"
+            if pred and fails_gate(pred["output"], LANGUAGE_THRESHOLD):
+                text = f'<span class="bad">[{japanese_share(pred["output"]):.0%} Japanese]</span> ' + text
             cells.append(f'<div class="answer"><b>{fmt(score, 2)}</b>\n{text}</div>')
         if pairwise:
             cells.append(verdict_cell(verdicts[task_id], pairwise["a"]["name"], pairwise["b"]["name"])
