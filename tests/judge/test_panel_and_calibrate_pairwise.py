@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from tunebench.cli import main
 from tunebench.config import JudgeConfig
 from tunebench.judge.calibrate_pairwise import calibrate_pairwise, clear_pairs
 from tunebench.judge.panel import judge_panel, majority
@@ -23,15 +24,19 @@ def test_majority():
     assert majority([None, "B"]) == "B" and majority([None, None]) is None
 
 
-def test_judge_panel_reports_each_judge_the_mean_and_agreement(tmp_path, fake):
+def write_predictions(tmp_path, outputs):
     tasks = tmp_path / "tasks.jsonl"
     preds = tmp_path / "run" / "predictions.jsonl"
     preds.parent.mkdir()
-    outputs = ["WANT:5 答え", "WANT:2 答え", "CASE:NOSCORE 答え"]
     tasks.write_text("".join(json.dumps({"task_id": i, "input": f"質問{i}"}, ensure_ascii=False) + "\n"
-                             for i in range(3)), encoding="utf-8")
+                             for i in range(len(outputs))), encoding="utf-8")
     preds.write_text("".join(json.dumps({"task_id": i, "input": f"質問{i}", "output": o}, ensure_ascii=False) + "\n"
                              for i, o in enumerate(outputs)), encoding="utf-8")
+    return tasks, preds
+
+
+def test_judge_panel_reports_each_judge_the_mean_and_agreement(tmp_path, fake):
+    tasks, preds = write_predictions(tmp_path, ["WANT:5 答え", "WANT:2 答え", "CASE:NOSCORE 答え"])
     # Two scripted judges that agree; the reply without a score is unscored for both, so for the panel.
     config = JudgeConfig(base_url=fake.url, backoff_s=0.01, max_retries=0)
     report = judge_panel(preds, str(tasks), config, ["openai:fake-a", "openai:fake-b"], progress=False).data
@@ -45,7 +50,7 @@ def test_judge_panel_reports_each_judge_the_mean_and_agreement(tmp_path, fake):
     assert saved["judge"] == "panel: openai:fake-a, openai:fake-b" and saved["mean"] == 3.5
 
 
-def test_calibrate_pairwise_on_clear_pairs(tmp_path, fake):
+def test_calibrate_pairwise_on_clear_pairs(tmp_path, fake, capsys):
     folder = tmp_path / "cal"
     folder.mkdir()
     rows = [  # task 0: 5 vs 2 (clear), 5 vs 4 (not); task 1: 1 vs 4 (clear); one row without a score
@@ -66,3 +71,19 @@ def test_calibrate_pairwise_on_clear_pairs(tmp_path, fake):
                                10, tmp_path / "out2", str(folder), "ref", progress=False)
     assert first["tied"] == 1.0 and first["picked_higher"] == 0.0 and first["position_consistency"] == 0.0
     assert json.loads((tmp_path / "out" / "calibration_pairwise.json").read_text())["n"] == 3
+    calls = fake.total()
+    assert main(["judge", "calibrate", "--pairwise", "--judge", "openai:pair-good", "--base-url", fake.url,
+                 "--data", str(folder), "--reference-judge", "ref", "--out", str(tmp_path / "out")]) == 0
+    assert fake.total() == calls  # the same pairs, answered from the cache
+    assert "picked the higher-scored answer 100.0%, tie 0.0%, picked the lower 0.0%" in capsys.readouterr().out
+
+
+def test_judge_cli_with_a_panel(tmp_path, fake, capsys):
+    tasks, preds = write_predictions(tmp_path, ["WANT:5 答え", "WANT:3 答え"])
+    assert main(["judge", str(preds), "--tasks", str(tasks), "--judge", "openai:fake-a", "--judge", "gpt4"]) == 2
+    assert "expected BACKEND:MODEL" in capsys.readouterr().err and fake.total() == 0
+    assert main(["judge", str(preds), "--tasks", str(tasks), "--judge", "openai:fake-a", "--judge", "openai:fake-b",
+                 "--base-url", fake.url]) == 0
+    out = capsys.readouterr().out
+    assert "judge panel: openai:fake-a, openai:fake-b" in out and "mean 4.000" in out
+    assert "agreement openai:fake-a / openai:fake-b on 2: exact 100.0%" in out

@@ -105,7 +105,11 @@ def run_judge(args) -> int:
         raise ConfigError(f"{path}: no predictions file; run `tunebench generate` first")
     config = judge_settings(args, path.parent / "config.yaml")
     if len(args.judge) > 1:
+        from tunebench.judge.backends import parse_judge_spec
         from tunebench.judge.panel import format_panel, judge_panel
+
+        for spec in args.judge[1:]:
+            parse_judge_spec(spec)  # every judge of the panel is checked before any is paid
 
         report = judge_panel(path, args.tasks or config.generate.tasks, config.judge, args.judge)
         print(report.table())
