@@ -2,7 +2,11 @@
 `tunebench serve` (a tiny real model over HTTP) as the judge."""
 
 import json
+import shutil
+import subprocess
 import threading
+
+import pytest
 
 from tunebench.cli import main
 from tunebench.config import GenerateConfig, JudgeConfig
@@ -70,3 +74,21 @@ def test_compare_with_tunebench_serve_as_judge(tmp_path, tiny_model_dir):
         assert record["score"] == parse_verdict(record["raw"])
     if any(r["score"] is None for r in records):
         assert verdict["winner"] is None and result["headline"]["unscored"] == 1
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_pairwise_report_renders_in_headless_chromium(tmp_path):
+    tasks, a, b = write_runs(tmp_path, ["答え", "GOOD 答え"], ["GOOD よい答え", "答え"])
+    server = FakeJudge()
+    try:
+        assert main(["compare", str(a), str(b), "--tasks", str(tasks), "--judge", "openai:pair-good",
+                     "--base-url", server.url, "--out", str(tmp_path / "cmp")]) == 0
+    finally:
+        server.stop()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(["chromium", *flags, "--dump-dom", (tmp_path / "cmp" / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    first_heading = dom.index("<h2>")
+    assert dom[first_heading:].startswith("<h2>Pairwise: try2 (B) vs try1 (A)</h2>")
+    assert 'id="pairwise-table"' in dom and "1 / 0 / 1" in dom and dom.count("try1 first]") == 2
