@@ -20,6 +20,7 @@ EPILOG = textwrap.dedent("""\
       tunebench run configs/llm-jp-3-13b-qlora.yaml --set train.max_steps=50
       tunebench generate runs/my-run --tasks elyza-tasks-100-tv
       tunebench judge runs/my-run/predictions.jsonl --judge gemini:gemini-2.5-flash
+      tunebench compare runs/try1 runs/try2 --judge gemini:gemini-2.5-flash   # pairwise: did try 2 win?
     """)
 
 

@@ -151,6 +151,14 @@ class JudgeConfig:
     samples: int = option(1, range="≥ 1", help="judgments per answer (mean and spread reported)")
     temperature: float = option(0.0, range="[0, 2]", help="judge sampling temperature")
     prompt_file: str | None = option(None, help="a rubric file that replaces the shipped one")
+    pairwise_prompt_file: str | None = option(None, help="a pairwise prompt that replaces the shipped one "
+                                              "(`tunebench compare`)")
+    language_gate: bool = option(False, help="answers under language_threshold lose ELYZA's 'unnatural "
+                                 "Japanese' point")
+    language_gate_strict: bool = option(False, help="with language_gate: such answers score 1 outright, "
+                                        "with no judge call")
+    language_threshold: float = option(0.5, range="[0, 1]", help="least share of Japanese letters (kana, "
+                                       "kanji) an answer needs")
 
 
 @dataclass

@@ -6,6 +6,10 @@ CASE:EMPTY answers with empty text once, CASE:401 refuses, CASE:WAIT answers 429
 'Retry-After: 30' once, CASE:INTERRUPT raises KeyboardInterrupt in the main thread (as Ctrl-C
 does) before answering; anything else gets '評価: N' where N is the digit after 'WANT:' in the
 answer (default 3). While `down` is True every request gets a 500 (an outage).
+
+Pairwise judges are chosen by the model name (the CASE markers still apply): `pair-first` always
+prefers the answer shown first, `pair-longer` the longer one, `pair-good` the answer holding
+'GOOD' (a tie when both or neither do).
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(1.5)
         want = re.search(r"WANT:(\d)", prompt)
         text = f"回答は質問に沿っています。\n評価: {want.group(1) if want else 3}"
+        if body["model"].startswith("pair-"):
+            text = pairwise_reply(body["model"], prompt)
         if case == "NOSCORE":
             text = "よくできていますが、点数はつけません。"
         if case == "EMPTY" and attempt == 1:
@@ -90,3 +96,21 @@ class Handler(BaseHTTPRequestHandler):
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                       "finish_reason": "stop" if text else "content_filter"}],
                          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+
+def shown_answers(prompt: str) -> tuple[str, str]:
+    """The two answers in a pairwise prompt (judge/prompts/elyza_pairwise*.txt)."""
+    first = prompt.split("# 回答A\n", 1)[1].split("\n\n# 回答B\n", 1)[0]
+    second = prompt.split("# 回答B\n", 1)[1].rsplit("\n\nまず", 1)[0]
+    return first, second
+
+
+def pairwise_reply(model: str, prompt: str) -> str:
+    first, second = shown_answers(prompt)
+    if model == "pair-first":
+        verdict = "A"
+    elif model == "pair-longer":
+        verdict = "A" if len(first) > len(second) else "B" if len(second) > len(first) else "引き分け"
+    else:
+        verdict = {(True, False): "A", (False, True): "B"}.get(("GOOD" in first, "GOOD" in second), "引き分け")
+    return f"回答を比べました。\n判定: {verdict}"

@@ -1,7 +1,15 @@
 """One module per CLI verb group; each has `register(subparsers)` adding its parsers and handlers."""
 
-from tunebench.commands import config_cmd, data_cmd, generate_cmd, judge_cmd, pipeline_cmd, tasks_cmd, train_cmd
+from tunebench.commands import (
+                                compare_cmd,
+                                config_cmd,
+                                data_cmd,
+                                generate_cmd,
+                                judge_cmd,
+                                pipeline_cmd,
+                                tasks_cmd,
+                                train_cmd,
+)
 
 REGISTRY = [data_cmd.register, train_cmd.register, generate_cmd.register, judge_cmd.register,
-            pipeline_cmd.register]
-REGISTRY += [tasks_cmd.register, config_cmd.register]
+            pipeline_cmd.register, compare_cmd.register, tasks_cmd.register, config_cmd.register]

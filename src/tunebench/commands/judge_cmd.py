@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from tunebench.commands.options import add_overrides_arg
-from tunebench.config import key_help, load_config
+from tunebench.config import JudgeConfig, key_help, load_config
 from tunebench.data.templates import TEMPLATE_NAMES
 from tunebench.errors import ConfigError
 
@@ -17,6 +18,8 @@ JUDGE_EPILOG = """examples:
   tunebench judge predictions.jsonl --tasks elyza-tasks-100 --judge openai:gpt-4o-mini --samples 3
   tunebench judge predictions.jsonl --judge openai:qwen2.5 --base-url http://127.0.0.1:11434/v1   # Ollama
   tunebench judge calibrate --judge openai:gpt-4o-mini --n 100     # agreement with GPT-4-class scores
+  tunebench judge calibrate --pairwise --judge openai:gpt-4o-mini  # picks the better of two published answers?
+  tunebench judge preds.jsonl --judge openai:gpt-4o-mini --judge gemini:gemini-2.5-flash   # a panel of judges
 
 Judgments are cached in judgments.jsonl next to the predictions: a rerun pays only for what changed
 (and asks again for unscored answers). Exits 1 when no answer could be scored.
@@ -31,7 +34,8 @@ def register(sub) -> None:
                            description="Score each answer on ELYZA's 1-5 scale and report the mean with a 95% CI.")
     judge.add_argument("predictions", metavar="PREDICTIONS|calibrate",
                        help="a predictions JSONL (or a run directory), or the word 'calibrate'")
-    judge.add_argument("--judge", help="BACKEND:MODEL — openai:MODEL, gemini:MODEL or local:RUN_OR_MODEL")
+    judge.add_argument("--judge", action="append", default=[],
+                       help="BACKEND:MODEL — openai:MODEL, gemini:MODEL or local:RUN_OR_MODEL (repeat for a panel)")
     judge.add_argument("--tasks", help="task set the answers belong to (default: the run's generate.tasks)")
     judge.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     judge.add_argument("--api-key-env", help="environment variable holding the API key")
@@ -46,6 +50,8 @@ def register(sub) -> None:
                        "shipped with tunebench)")
     judge.add_argument("--reference-judge", default="gpt-4-turbo-preview", help="calibrate: judge to compare with")
     judge.add_argument("--out", help="calibrate: output folder (default runs/calibration/<judge>)")
+    judge.add_argument("--pairwise", action="store_true",
+                       help="calibrate: pairs of published answers scored ≥2 apart; how often the judge picks the better")
     judge.set_defaults(func=run_judge)
 
     evaluate = sub.add_parser("eval", help="API-free evaluation signals",
@@ -65,7 +71,7 @@ def judge_settings(args, run_config: Path | None):
     config_path = args.config or (str(run_config) if run_config and run_config.exists() else None)
     config = load_config(config_path, args.overrides)
     j = config.judge
-    for field, value in (("judge", args.judge), ("base_url", args.base_url), ("api_key_env", args.api_key_env),
+    for field, value in (("judge", args.judge[0] if args.judge else None), ("base_url", args.base_url), ("api_key_env", args.api_key_env),
                          ("samples", args.samples), ("temperature", args.temperature),
                          ("concurrency", args.concurrency), ("requests_per_minute", args.rpm)):
         if value is not None:
@@ -82,16 +88,21 @@ def judge_settings(args, run_config: Path | None):
     return config
 
 
-def user_backend(args, config):
+def user_backend(args, judge: JudgeConfig):
     """An API backend that may send keys where this command line points (None: built later as usual).
 
     The run's config.yaml is read too, but only --base-url and --api-key-env are the user's own word."""
     from tunebench.judge.backends import make_backend, parse_judge_spec
 
-    if parse_judge_spec(config.judge.judge)[0] == "local":
+    if parse_judge_spec(judge.judge)[0] == "local":
         return None  # no key involved; the model loads only once the predictions are checked
-    return make_backend(config.judge, user_urls=(args.base_url,) if args.base_url else (),
+    return make_backend(judge, user_urls=(args.base_url,) if args.base_url else (),
                         user_key_env=args.api_key_env is not None)
+
+
+def user_backends(args, judge: JudgeConfig, specs: list[str]) -> list:
+    """user_backend for each judge of a panel (all settings but the judge shared)."""
+    return [user_backend(args, dataclasses.replace(judge, judge=spec)) for spec in specs]
 
 
 def run_judge(args) -> int:
@@ -101,7 +112,16 @@ def run_judge(args) -> int:
         config = judge_settings(args, None)
         safe = config.judge.judge.replace(":", "_").replace("/", "_")
         out = Path(args.out) if args.out else Path("runs") / "calibration" / safe
-        result = calibrate(config.judge, args.n, out, args.data, args.reference_judge, backend=user_backend(args, config))
+        if args.pairwise:
+            from tunebench.judge.calibrate_pairwise import calibrate_pairwise, format_pairwise_calibration
+
+            result = calibrate_pairwise(config.judge, args.n, out, args.data, args.reference_judge,
+                                        backend=user_backend(args, config.judge))
+            print(format_pairwise_calibration(result))
+            print(f"wrote {out / 'calibration_pairwise.json'}")
+            return 0
+        result = calibrate(config.judge, args.n, out, args.data, args.reference_judge,
+                           backend=user_backend(args, config.judge))
         print(format_calibration(result))
         print(f"wrote {out / 'calibration.json'}")
         return 0
@@ -113,8 +133,21 @@ def run_judge(args) -> int:
     if not path.exists():
         raise ConfigError(f"{path}: no predictions file; run `tunebench generate` first")
     config = judge_settings(args, path.parent / "config.yaml")
+    if len(args.judge) > 1:
+        from tunebench.judge.backends import parse_judge_spec
+        from tunebench.judge.panel import format_panel, judge_panel
+
+        for spec in args.judge[1:]:
+            parse_judge_spec(spec)  # every judge of the panel is checked before any is paid
+
+        report = judge_panel(path, args.tasks or config.generate.tasks, config.judge, args.judge,
+                             backends=user_backends(args, config.judge, args.judge))
+        print(report.table())
+        print(format_panel(report.data))
+        print(f"wrote {path.parent / 'scores.json'} and {path.parent / 'judgments.jsonl'}")
+        return 0
     report = judge_predictions(path, args.tasks or config.generate.tasks, config.judge,
-                               backend=user_backend(args, config))
+                               backend=user_backend(args, config.judge))
     print(report.table())
     print(f"wrote {path.parent / 'scores.json'} and {path.parent / 'judgments.jsonl'}")
     if not report.data["scored"]:

@@ -46,6 +46,8 @@ def register(sub) -> None:
                                    "  tunebench report runs/try1 runs/try2 --out reports/try2-vs-try1")
     report.add_argument("runs", nargs="+", help="run directories (the first is the baseline of a comparison)")
     report.add_argument("--out", help="output folder (default: the run itself, or ./report for several)")
+    report.add_argument("--compare", metavar="COMPARE_JSON",
+                        help="put this `tunebench compare` result at the top, verdicts beside the answers")
     report.set_defaults(func=run_report)
 
     runs = sub.add_parser("runs", help="leaderboard of the runs in a folder",
@@ -119,7 +121,16 @@ def run_report(args) -> int:
 
             raise ConfigError(f"{root}: not a run directory (no config.yaml)")
     out = Path(args.out) if args.out else (roots[0] if len(roots) == 1 else Path("report"))
-    html, md = write_report(roots, out)
+    pairwise = None
+    if args.compare:
+        from tunebench.report.collect import read_json
+
+        pairwise = read_json(Path(args.compare))
+        if pairwise is None:
+            from tunebench.errors import ConfigError
+
+            raise ConfigError(f"{args.compare}: no such file; run `tunebench compare` first")
+    html, md = write_report(roots, out, pairwise)
     print(f"wrote {html} and {md}")
     return 0
 

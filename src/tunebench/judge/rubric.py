@@ -33,16 +33,21 @@ def load_rubric(prompt_file: str | None, has_reference: bool) -> str:
 def fill(rubric: str, input: str, output: str, reference: str | None = None, eval_aspect: str | None = None) -> str:
     values = {"{input}": input, "{output}": output, "{reference}": reference or "(なし)",
               "{eval_aspect}": eval_aspect or "(なし)"}
+    return fill_slots(rubric, values)
+
+
+def fill_slots(template: str, values: dict[str, str]) -> str:
+    """Replace each `{slot}` named in `values`."""
     # Replace all slots in one pass so text inside an answer that looks like a slot stays as it is.
     out, i = [], 0
-    while i < len(rubric):
-        for slot in SLOTS:
-            if rubric.startswith(slot, i):
-                out.append(values[slot])
+    while i < len(template):
+        for slot, value in values.items():
+            if template.startswith(slot, i):
+                out.append(value)
                 i += len(slot)
                 break
         else:
-            out.append(rubric[i])
+            out.append(template[i])
             i += 1
     return "".join(out)
 

@@ -94,7 +94,7 @@ class JudgeRunner:
         cache = load_cache(self.cache_path)
         jobs, results = [], {item.task_id: [] for item in items}
         for item in items:
-            answer_hash = text_hash(item.input, item.output, item.reference, item.eval_aspect)
+            answer_hash = self.answer_hash(item)
             for sample in range(self.samples):
                 key = cache_key(self.backend.name, self.endpoint, self.prompt_hash, answer_hash, sample)
                 if key in cache and cache[key].get("score") is not None:
@@ -135,7 +135,7 @@ class JudgeRunner:
 
     def judge_one(self, item: Item, sample: int, key: str, answer_hash: str) -> dict | None:
         """One judgment, recorded in the cache; None when cancelled by Ctrl-C before any reply."""
-        prompt = fill(self.rubric, item.input, item.output, item.reference, item.eval_aspect)
+        prompt = self.prompt_for(item)
         raw, error, score = None, None, None
         for attempt in range(self.max_retries + 1):
             self.limiter.wait(self.stopping)
@@ -153,21 +153,36 @@ class JudgeRunner:
                 error = str(exc)
                 self.pause(attempt, None)
                 continue
-            score = parse_score(raw)
+            score = self.parse(raw)
             if score is not None:
                 error = None
                 break
-            error = "no parsable 1-5 score in the reply"
+            error = self.unparsable
             self.pause(attempt, None)
         record = {"key": key, "task_id": item.task_id, "sample": sample, "judge": self.backend.name,
                   "endpoint": self.endpoint, "prompt_hash": self.prompt_hash, "answer_hash": answer_hash, "score": score,
-                  "reason": reason_of(raw) if raw and score is not None else None, "raw": raw, "error": error}
+                  "reason": self.reason(raw) if raw and score is not None else None, "raw": raw, "error": error}
         if score is None:
             log.warning("task %s sample %d unscored after %d attempt(s): %s", item.task_id, sample,
                         self.max_retries + 1, error)
         with self.write_lock:
             append_jsonl(self.cache_path, record)
         return record
+
+    # What is judged and how a reply is read; pairwise judging (judge/pairwise.py) overrides these four.
+    unparsable = "no parsable 1-5 score in the reply"
+
+    def answer_hash(self, item: Item) -> str:
+        return text_hash(item.input, item.output, item.reference, item.eval_aspect)
+
+    def prompt_for(self, item: Item) -> str:
+        return fill(self.rubric, item.input, item.output, item.reference, item.eval_aspect)
+
+    def parse(self, raw: str):
+        return parse_score(raw)
+
+    def reason(self, raw: str) -> str:
+        return reason_of(raw)
 
     def pause(self, attempt: int, retry_after: float | None) -> None:
         if attempt >= self.max_retries:

@@ -11,6 +11,8 @@ from tunebench.config import JudgeConfig
 from tunebench.errors import DataError
 from tunebench.generate.validate import validate_predictions
 from tunebench.judge.backends import JudgeBackend, make_backend
+from tunebench.judge.language import apply_language_gate, fails_gate, language_summary
+from tunebench.judge.length import length_stats
 from tunebench.judge.rubric import load_rubric
 from tunebench.judge.runner import Item, JudgeRunner
 from tunebench.judge.stats import bootstrap_ci
@@ -31,6 +33,10 @@ class ScoreReport:
             score = "  -  " if row["score"] is None else f"{row['score']:5.2f}"
             reason = (row["reason"] or row.get("error") or "").replace("\n", " ")[:70]
             lines.append(f"{row['task_id']!s:>6}  {score}  {reason}")
+        if d.get("lengths", {}).get("n"):
+            lines.append(f"answer length (chars): mean {d['lengths']['mean']:.0f}, median {d['lengths']['median']:.0f}, "
+                         f"max {d['lengths']['max']}; under {d['language']['threshold']:.0%} Japanese letters: "
+                         f"{len(d['language']['flagged'])} answer(s)")
         lines.append(f"judge {d['judge']} on {d['tasks']}: mean {d['mean']:.3f} "
                      f"(95% CI {d['ci_low']:.3f}–{d['ci_high']:.3f}), {d['scored']} scored, {d['unscored']} unscored"
                      if d["scored"] else f"judge {d['judge']}: no answer could be scored ({d['unscored']} unscored)")
@@ -93,8 +99,15 @@ def judge_predictions(predictions: Path, tasks_name: str, config: JudgeConfig, o
                          temperature=config.temperature, concurrency=config.concurrency,
                          requests_per_minute=config.requests_per_minute, max_retries=config.max_retries,
                          backoff_s=config.backoff_s, max_wait_s=config.max_wait_s)
-    judgments = runner.judge_all(items, progress)
+    strict = config.language_gate and config.language_gate_strict
+    judgments = runner.judge_all([i for i in items if not (strict and fails_gate(i.output, config.language_threshold))],
+                                 progress)
+    if config.language_gate:
+        judgments = apply_language_gate(items, judgments, config.language_threshold, strict)
     report = aggregate(items, judgments, backend.name, tasks_name, runner.prompt_hash)
+    report["lengths"] = length_stats([i.output for i in items])
+    report["language"] = {**language_summary(items, config.language_threshold), "gate": config.language_gate,
+                          "strict": strict}
     report["rubric"] = "reference" if has_reference else "reference-free"
     report["interrupted"] = runner.interrupted
     write_json_atomic(out_dir / "scores.json", report)

@@ -7,7 +7,9 @@ import logging
 from html import escape
 from pathlib import Path
 
+from tunebench.judge.language import fails_gate, japanese_share
 from tunebench.report.collect import RunRecord, config_differences, load_run, wins_and_losses
+from tunebench.report.pairwise import pairwise_section, verdict_cell
 from tunebench.report.svg import line_chart
 
 log = logging.getLogger(__name__)
@@ -66,11 +68,13 @@ def html_table(head: list[str], rows: list[list[str]], table_id: str, raw_cols: 
     return "".join(out)
 
 
-def render_html(runs: list[RunRecord]) -> str:
+def render_html(runs: list[RunRecord], pairwise: dict | None = None) -> str:
     title = "tunebench report: " + " vs ".join(r.name for r in runs)
     parts = [f"<!doctype html><html lang='ja'><head><meta charset='utf-8'><title>{escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>"]
     parts.append(defects_html(runs))
+    if pairwise:  # `tunebench compare`'s result leads: it is the sensitive comparison of two runs
+        parts.append(pairwise_section(pairwise))
     parts.append("<h2>Scores</h2>" + html_table(SUMMARY_HEAD, summary_rows(runs), "score-table"))
     parts.append("<h2>Training loss</h2>")
     parts.append(line_chart({r.name: [(s, v) for s, v in r.losses] for r in runs}, "training loss (answer tokens)",
@@ -102,14 +106,20 @@ def render_html(runs: list[RunRecord]) -> str:
             parts.append(html_table(["task", runs[0].name, runs[1].name, "Δ"],
                                     [[str(t), fmt(a, 2), fmt(b, 2), f"{d:+.2f}"] for t, a, b, d in rows],
                                     f"{label}-table") if rows else "<p>none</p>")
-    parts.append("<h2>Per task</h2>" + per_task_table(runs))
+    parts.append("<h2>Per task</h2>" + per_task_table(runs, pairwise))
     parts.append("</body></html>")
     return "".join(parts)
 
 
-def per_task_table(runs: list[RunRecord]) -> str:
+LANGUAGE_THRESHOLD = 0.5  # answers with fewer Japanese letters than this are marked (judge/language.py)
+
+
+def per_task_table(runs: list[RunRecord], pairwise: dict | None = None) -> str:
     task_ids = list(dict.fromkeys(t for r in runs for t in r.predictions))
     head = ["task", "input"] + [f"{r.name} (score)" for r in runs]
+    verdicts = {row["task_id"]: row for row in (pairwise or {}).get("per_task", [])}
+    if pairwise:
+        head.append("pairwise verdict")
     rows = []
     for task_id in task_ids:
         first = next(r.predictions[task_id] for r in runs if task_id in r.predictions)
@@ -118,7 +128,12 @@ def per_task_table(runs: list[RunRecord]) -> str:
             pred = run.predictions.get(task_id)
             score = run.task_scores.get(task_id)
             text = answer_html(pred)
+            if pred and isinstance(pred.get("output"), str) and fails_gate(pred["output"], LANGUAGE_THRESHOLD):
+                text = f'<span class="bad">[{japanese_share(pred["output"]):.0%} Japanese]</span> ' + text
             cells.append(f'<div class="answer"><b>{fmt(score, 2)}</b>\n{text}</div>')
+        if pairwise:
+            cells.append(verdict_cell(verdicts[task_id], pairwise["a"]["name"], pairwise["b"]["name"])
+                         if task_id in verdicts else "<em>not compared</em>")
         rows.append(cells)
     return html_table(head, rows, "task-table", raw_cols=set(range(len(head))))
 
@@ -138,9 +153,14 @@ def defects_html(runs: list[RunRecord]) -> str:
             + "</ul>")
 
 
-def render_markdown(runs: list[RunRecord]) -> str:
-    lines = ["# tunebench report: " + " vs ".join(r.name for r in runs), "",
-             "| " + " | ".join(SUMMARY_HEAD) + " |", "|" + "---|" * len(SUMMARY_HEAD)]
+def render_markdown(runs: list[RunRecord], pairwise: dict | None = None) -> str:
+    lines = ["# tunebench report: " + " vs ".join(r.name for r in runs), ""]
+    if pairwise:
+        from tunebench.judge.compare import format_summary
+
+        lines += [format_summary(s, pairwise["a"]["name"], pairwise["b"]["name"]).replace("\n", "  \n")
+                  for s in pairwise["judges"] + ([pairwise["panel"]] if pairwise["panel"] else [])] + [""]
+    lines += ["| " + " | ".join(SUMMARY_HEAD) + " |", "|" + "---|" * len(SUMMARY_HEAD)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in summary_rows(runs)]
     lines += [""] + [f"- problem: {d}" for r in runs for d in r.defects]
     if len(runs) >= 2:
@@ -150,13 +170,13 @@ def render_markdown(runs: list[RunRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(roots: list[Path], out_dir: Path) -> tuple[Path, Path]:
+def write_report(roots: list[Path], out_dir: Path, pairwise: dict | None = None) -> tuple[Path, Path]:
     """Write report.html and report.md; problems in the run files are listed in both and logged."""
     runs = [load_run(Path(root)) for root in roots]
     for defect in (d for r in runs for d in r.defects):
         log.warning("%s", defect)
     out_dir.mkdir(parents=True, exist_ok=True)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    html_path.write_text(render_html(runs), encoding="utf-8")
-    md_path.write_text(render_markdown(runs), encoding="utf-8")
+    html_path.write_text(render_html(runs, pairwise), encoding="utf-8")
+    md_path.write_text(render_markdown(runs, pairwise), encoding="utf-8")
     return html_path, md_path
