@@ -20,6 +20,7 @@ from tunebench.judge.pairwise import Pair, answer_facts, judge_pairs, summarize
 from tunebench.judge.panel import majority, panel_configs, verdict_agreement
 from tunebench.judge.score import build_items, read_predictions
 from tunebench.runs import write_json_atomic
+from tunebench.tasksets import load_tasks
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ def side_name(run_or_predictions: Path) -> str:
 
 def build_pairs(path_a: Path, path_b: Path, tasks_name: str) -> list[Pair]:
     """Pairs for the tasks both files answer, in A's order; tasks only one side answered are logged."""
-    items_a = build_items(read_predictions(path_a), tasks_name)
-    items_b = {i.task_id: i for i in build_items(read_predictions(path_b), tasks_name)}
+    tasks = load_tasks(tasks_name)
+    items_a = build_items(read_predictions(path_a, tasks), tasks_name, tasks)
+    items_b = {i.task_id: i for i in build_items(read_predictions(path_b, tasks), tasks_name, tasks)}
     pairs = [Pair(a.task_id, a.input, a.output, items_b[a.task_id].output, a.reference, a.eval_aspect)
              for a in items_a if a.task_id in items_b]
     only = len(items_a) + len(items_b) - 2 * len(pairs)
