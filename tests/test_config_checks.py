@@ -122,3 +122,14 @@ def test_config_show_prints_the_resolved_config(capsys):
 
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["train"]["save_steps"] == 7 and shown["judge"]["concurrency"] == 4
+
+
+def test_train_on_several_processes_is_checked_before_any_process_starts(monkeypatch, capsys):
+    from tunebench.train import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("launched despite a refused setting"))
+    code = main(["train", "configs/quickstart.yaml", "--gpus", "2", "--set", "train.answer_only_logits=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: configs/quickstart.yaml: 'train.answer_only_logits': it works with "
+                                        "lora, qlora and full on one process")

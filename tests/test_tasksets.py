@@ -71,6 +71,13 @@ def test_tasks_add_refuses_a_bad_file_with_file_line_and_field(user, capsys, n, 
     assert not (user / "cache" / "tasks" / "elyza-tasks-100-tv.jsonl").exists()
 
 
+def test_tasks_add_refuses_the_shipped_set_under_the_tv_name(user, capsys):
+    from tunebench.tasksets import BUILTIN_DIR
+
+    assert main(["tasks", "add", "elyza-tasks-100-tv", str(BUILTIN_DIR / "elyza-tasks-100.jsonl")]) == 2
+    assert "this is elyza-tasks-100, which is shipped (use it by name), not elyza-tasks-100-tv" in capsys.readouterr().err
+
+
 def test_environment_variable_wins_and_a_wrong_one_is_named(user, monkeypatch):
     source = task_file(user / "tv.jsonl")
     monkeypatch.setenv("TUNEBENCH_TV_TASKS", str(source))

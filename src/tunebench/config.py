@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tunebench.config_checks import config_problems
 from tunebench.data.templates import TemplateName
 from tunebench.errors import ConfigError
 from tunebench.train.methods import MethodName
@@ -194,8 +195,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     config = build(Config, raw, prefix="", where=where, problems=problems)
     if config.name is None and path is not None:
         config.name = Path(path).stem
-    from tunebench.config_checks import config_problems
-
     problems += [f"{where}: {problem}" for problem in config_problems(config)]
     if problems:  # every problem at once, one line each
         raise ConfigError("\n".join(problems))

@@ -89,8 +89,9 @@ def config_problems(config: Config, world_size: int = 1) -> list[str]:
     return range_problems(config, "") + combination_problems(config, world_size)
 
 
-def check_config(config: Config, world_size: int = 1) -> None:
-    """Raise one ConfigError listing every problem of `config` on `world_size` processes."""
+def check_config(config: Config, world_size: int = 1, where: str | None = None) -> None:
+    """Raise one ConfigError listing every problem of `config` on `world_size` processes (each line
+    starting with `where`, the config file, when given)."""
     problems = config_problems(config, world_size)
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ConfigError("\n".join(f"{where}: {p}" if where else p for p in problems))

@@ -115,6 +115,10 @@ def add_task_set(name: str, source: Path) -> Path:
     _, expected = ADDABLE[name]
     if len(tasks) != expected:
         raise DataError(f"{source}: {len(tasks)} tasks, but {name} has {expected}; is this the right file?")
+    shipped = {name: {t.input for t in read_task_file(BUILTIN_DIR / file)} for name, file in SHIPPED.items()}
+    for other, inputs in shipped.items():
+        if {t.input for t in tasks} == inputs:
+            raise DataError(f"{source}: this is {other}, which is shipped (use it by name), not {name}")
     target = added_task_file(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")

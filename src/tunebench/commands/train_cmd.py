@@ -51,7 +51,8 @@ def run_train(args) -> int:
         from tunebench.config_checks import check_config
         from tunebench.train.distributed import launch
 
-        check_config(load_config(args.config, args.overrides), args.gpus)  # refused before any process starts
+        # refused before any process starts
+        check_config(load_config(args.config, args.overrides), args.gpus, args.config)
 
         argv = [args.config] + [f"--set={o}" for o in args.overrides]
         argv += [f"--run-dir={args.run_dir}"] if args.run_dir else []
