@@ -82,3 +82,9 @@ def test_readme_lists_every_config_key():
                          ("train", c.TrainConfig), ("generate", c.GenerateConfig), ("judge", c.JudgeConfig)]:
         for field in dataclasses.fields(cls):
             assert f"`{section}.{field.name}`" in readme, f"{section}.{field.name} missing from README"
+
+
+@pytest.mark.parametrize("value, expected", [("###", "###"), ("# note", "# note"), ("null", None), ("~", None),
+                                             ("", None)])
+def test_set_value_that_yaml_reads_as_a_comment_stays_text(value, expected):
+    assert load_config(None, [f"name={value}"]).name == expected  # '###' was silently null
