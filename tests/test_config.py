@@ -96,3 +96,9 @@ def test_saved_and_pushed_config_hold_no_credentials(tmp_path):
         assert secret not in saved and secret not in public_run_config(saved)
     assert "https://judge.example.com:8443/v1?region=eu" in saved
     assert config.judge.base_url == url  # the run itself still uses what the user gave
+
+
+@pytest.mark.parametrize("value, expected", [("###", "###"), ("# note", "# note"), ("null", None), ("~", None),
+                                             ("", None)])
+def test_set_value_that_yaml_reads_as_a_comment_stays_text(value, expected):
+    assert load_config(None, [f"name={value}"]).name == expected  # '###' was silently null

@@ -93,9 +93,12 @@ def test_quickstart_code_path_at_reduced_size(tmp_path, tiny_model_dir, tasks, c
         monkeypatch.delenv(name, raising=False)
     code = main(["quickstart", "--run-dir", str(tmp_path / "qs"), "--set", f"model.name_or_path={tiny_model_dir}",
                  "--set", "train.max_steps=2", "--set", "data.max_records=8", "--set", f"generate.tasks={tasks}",
-                 "--set", "generate.max_new_tokens=4", "--set", "generate.no_repeat_ngram_size=1"])
+                 "--set", "generate.max_new_tokens=4", "--set", "generate.no_repeat_ngram_size=1",
+                 "--set", "generate.limit=2"])
     out = capsys.readouterr().out
     assert code == 0
+    # the reference NLL follows generate.limit (it scored all 100 tasks: 11 min on 2 cores)
+    assert json.loads((tmp_path / "qs" / "nll.json").read_text())["n_tasks"] == 2
     assert f"submission: {tmp_path / 'qs' / 'predictions.jsonl'}" in out and "report.html" in out
     assert "no judge configured: set GEMINI_API_KEY" in out and "reference NLL" in out
     saved = (tmp_path / "qs" / "config.yaml").read_text()

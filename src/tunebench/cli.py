@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
+        # A command whose resume needs more than a rerun sets args.interrupt_hint (train: --resume).
+        hint = getattr(args, "interrupt_hint", None) or "rerun the same command to resume"
+        print(f"interrupted: finished work is saved; {hint}", file=sys.stderr)
         return 130
 
 

@@ -213,9 +213,13 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part} is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:
-        node[parts[-1]] = value
+        parsed = value
+    if parsed is None and value.strip().lower() not in ("", "null", "~", "none"):
+        # YAML reads '#…' as a comment: `--set x=###` would silently become null; keep the text
+        parsed = value
+    node[parts[-1]] = parsed
 
 
 def build(cls: type, raw: Any, prefix: str, where: str, problems: list[str] | None = None) -> Any:

@@ -46,3 +46,30 @@ def test_bad_config_prints_one_line_error(tmp_path, capsys):
     assert main(["data", "prepare", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "did you mean 'data.max_seq_length'" in err and "Traceback" not in err
+
+
+def test_inspect_p95_is_never_below_the_median(tmp_path, capsys):
+    import re
+
+    from tunebench.data.inspect import percentile
+
+    assert [percentile([1, 100], 95), percentile([1, 2, 3], 95), percentile(list(range(1, 101)), 95)] == [100, 3, 95]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"instruction": "質", "input": "", "output": "答" * n}, ensure_ascii=False) + "\n"
+                            for n in (1, 200)), encoding="utf-8")
+    assert main(["data", "inspect", str(path)]) == 0
+    median, p95 = map(float, re.search(r"median ([\d.]+), p95 (\d+)", capsys.readouterr().out).groups())
+    assert p95 >= median and p95 > 100  # was: p95 = the shortest record's length
+
+
+def test_ctrl_c_during_train_names_resume(tmp_path, capsys, monkeypatch):
+    import tunebench.train.sft as sft
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "train", interrupted)
+    assert main(["train", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "run")]) == 130
+    assert "rerun the same command with --resume" in capsys.readouterr().err
+    assert main(["train", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "run"), "--resume"]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err  # --resume given: the same command is right

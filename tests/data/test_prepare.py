@@ -95,3 +95,32 @@ def test_prepare_packs_mixes_weights_and_splits_eval(tmp_path, tokenizer):
 def test_empty_sources_error(tmp_path):
     with pytest.raises(DataError, match="data.sources is empty"):
         prepare(load_config(None), RunDir(tmp_path), None, "x")
+
+
+def test_summary_counts_add_up_and_length_drops_are_named(tmp_path, tokenizer, caplog):
+    long_answer = "とても長い答えです。" * 40
+    src = jsonl(tmp_path / "t.jsonl", [
+        {"instruction": "質問A", "input": "", "output": "答えA"},
+        {"instruction": "質問A", "input": "", "output": "答えA"},  # duplicate
+        {"instruction": "質問C", "input": "", "output": long_answer},  # > 64 tokens: dropped
+        {"instruction": "質問D", "input": "", "output": long_answer + "。"},  # > 64 tokens: dropped
+    ])
+    config = load_config(None, [f"data.sources=[{{path: '{src}', weight: 2}}]", "data.max_seq_length=64",
+                                "data.contamination_sets=[]", "data.overlength=drop"])
+    summary = prepare(config, RunDir(tmp_path / "run"), tokenizer, "gemma")
+    assert summary.dropped == {"duplicate": 1, "length": 2}  # each record once, not once per weighted copy
+    assert (summary.read, summary.records_kept, summary.kept) == (4, 1, 2)
+    assert summary.lines()[0] == ("read 4 records; kept 1 (2 training examples after source weights); "
+                                  "dropped 3 (1 duplicate, 2 length); truncated 0")
+    warned = [r.getMessage() for r in caplog.records if "max_seq_length" in r.getMessage()]
+    assert len(warned) == 2 and "t.jsonl:3" in warned[0] and "t.jsonl:4" in warned[1]
+
+
+def test_nothing_left_says_why_and_names_the_dropped_records(tmp_path, tokenizer, caplog):
+    src = jsonl(tmp_path / "t.jsonl", [{"instruction": "質問C", "input": "", "output": "長い答え。" * 60}])
+    config = load_config(None, [f"data.sources=[{{path: '{src}'}}]", "data.max_seq_length=64",
+                                "data.contamination_sets=[]", "data.overlength=drop"])
+    with pytest.raises(DataError, match=r"no training examples left: read 1 record\(s\) from data.sources \(1 length\)"):
+        prepare(config, RunDir(tmp_path / "run"), tokenizer, "gemma")
+    # the error points at the warnings: there must be one, naming the record
+    assert any("t.jsonl:1" in r.getMessage() and "max_seq_length 64" in r.getMessage() for r in caplog.records)

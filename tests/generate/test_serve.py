@@ -115,12 +115,20 @@ def test_over_long_prompts_are_refused(server):
 
 def test_max_tokens_beyond_the_context_is_refused(tiny_model_dir):
     loaded = load_for_inference(str(tiny_model_dir))
-    generator = Generator(loaded.model, loaded.tokenizer, "course", GenerateConfig(max_new_tokens=6, batch_size=1))
+    generator = Generator(loaded.model, loaded.tokenizer, "course",
+                          GenerateConfig(max_new_tokens=600, batch_size=1, stop=[], repetition_penalty=1.0))
     srv = make_server(generator, "tiny", port=0, limits=Limits(max_tokens=5000, max_prompt_tokens=5000))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         status, payload = post(srv, ('{' + MESSAGES + ', "max_tokens": 2000}').encode())
         assert status == 400 and "exceeds the model's context of 1024" in payload["error"]["message"]
+        n = 200
+        while len(generator.encode([{"role": "user", "content": " ".join(f"語{i}" for i in range(n))}])) < 1000:
+            n += 1
+        messages = [{"role": "user", "content": " ".join(f"語{i}" for i in range(n))}]
+        assert len(generator.encode(messages)) < 1020  # room for a few new tokens, not for the default 600
+        status, payload = post(srv, json.dumps({"messages": messages}).encode())  # no max_tokens: the default shrinks
+        assert status == 200 and payload["usage"]["total_tokens"] <= 1024
     finally:
         srv.shutdown()
         srv.server_close()

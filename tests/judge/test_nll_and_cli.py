@@ -40,3 +40,14 @@ def test_judge_cli_without_a_judge_says_how_to_add_one(tmp_path, capsys):
     assert "no judge configured: pass --judge BACKEND:MODEL" in capsys.readouterr().err
     assert main(["judge", str(preds), "--judge", "gpt4"]) == 2
     assert "expected BACKEND:MODEL" in capsys.readouterr().err
+
+
+def test_reference_nll_follows_a_limit(tmp_path, tiny_model_dir, capsys):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text("".join(json.dumps({"task_id": i, "input": f"質問{i}", "output": f"答え{i}です。"}, ensure_ascii=False)
+                             + "\n" for i in range(3)), encoding="utf-8")
+    loaded = load_for_inference(str(tiny_model_dir))
+    assert reference_nll(loaded.model, loaded.tokenizer, "course", str(tasks), limit=2)["n_tasks"] == 2
+    assert main(["eval", "nll", str(tiny_model_dir), "--tasks", str(tasks), "--template", "course", "--limit", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_tasks"] == 1
+

@@ -64,6 +64,7 @@ def register(sub) -> None:
     nll.add_argument("target", help="a run directory, merged model, or hub id / folder")
     nll.add_argument("--tasks", default="elyza-tasks-100", help="a task set with reference answers")
     nll.add_argument("--template", choices=TEMPLATE_NAMES, help="for a plain model")
+    nll.add_argument("--limit", type=int, help="score only the first N tasks (a quick check)")
     nll.set_defaults(func=run_nll)
 
 
@@ -165,6 +166,6 @@ def run_nll(args) -> int:
 
     loaded = load_for_inference(args.target)
     template = pick_template(loaded.template, args.template, loaded.tokenizer)
-    result = reference_nll(loaded.model, loaded.tokenizer, template, args.tasks)
+    result = reference_nll(loaded.model, loaded.tokenizer, template, args.tasks, limit=args.limit)
     print(json.dumps(result, ensure_ascii=False))
     return 0

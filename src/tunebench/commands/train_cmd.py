@@ -63,6 +63,8 @@ def run_train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     run = RunDir.for_config(config, args.run_dir)
+    if not args.resume:  # without it a rerun refuses the existing checkpoints
+        args.interrupt_hint = "rerun the same command with --resume to continue from the last checkpoint"
     out = train(config, run, resume=args.resume, allow_contamination=args.allow_contamination)
     print(f"trained: {out}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -94,6 +95,11 @@ def histogram(values: list[int], bins: int = 10, width: int = 40) -> list[str]:
     return lines
 
 
+def percentile(sorted_values: list[int], q: float) -> int:
+    """Nearest-rank percentile: the smallest value with at least q% of the values at or below it."""
+    return sorted_values[max(0, math.ceil(len(sorted_values) * q / 100) - 1)]
+
+
 def format_inspection(report: Inspection, max_len: int) -> str:
     lines = [f"== {report.path}", f"format: {report.format}",
              f"records: {report.read} read, {report.valid} valid, {len(report.problems)} with problems"]
@@ -104,7 +110,7 @@ def format_inspection(report: Inspection, max_len: int) -> str:
     if report.lengths:
         v = sorted(report.lengths)
         lines.append(f"length in {report.unit}: min {v[0]}, mean {statistics.mean(v):.1f}, "
-                     f"median {v[len(v) // 2]}, p95 {v[int(len(v) * 0.95) - 1 if len(v) > 1 else 0]}, max {v[-1]}")
+                     f"median {statistics.median(v):g}, p95 {percentile(v, 95)}, max {v[-1]}")
         lines.append(f"over max_seq_length {max_len}: {report.truncated_share:.1%}")
         lines += histogram(report.lengths)
     lines.append(f"examples ({MASK_OPEN}…{MASK_CLOSE} = prompt, no loss; the rest is learned):")

@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class Summary:
     read: int = 0
-    kept: int = 0
+    kept: int = 0  # training examples (a source weight of 2 counts each of its records twice)
+    records_kept: int | None = None  # distinct records behind them: read = records_kept + dropped + left_out
+    # (None in a summary.json written before this count existed)
+    left_out: int = 0  # valid records not sampled (source weight below 1, data.max_records)
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     formats: dict[str, str] = field(default_factory=dict)
@@ -43,8 +46,13 @@ class Summary:
 
     def lines(self) -> list[str]:
         why = ", ".join(f"{n} {k}" for k, n in sorted(self.dropped.items())) or "none"
+        records = self.kept if self.records_kept is None else self.records_kept
+        examples = f" ({self.kept} training examples after source weights)" if self.kept != records else ""
+        left_out = (f"; {self.left_out} left out by a source weight below 1 or data.max_records"
+                    if self.left_out else "")
         return [
-            f"read {self.read} records; kept {self.kept}; truncated {self.truncated}; dropped {sum(self.dropped.values())} ({why})",
+            f"read {self.read} records; kept {records}{examples}; dropped {sum(self.dropped.values())} "
+            f"({why}){left_out}; truncated {self.truncated}",
             f"rows: {self.train_rows} train, {self.eval_rows} eval; {self.train_tokens} train tokens, "
             f"{self.answer_tokens} with loss",
         ]
@@ -103,15 +111,23 @@ def mix_weight(group: list[Example], weight: float, rng: random.Random) -> list[
 
 def encode_examples(examples: list[Example], data: DataConfig, tokenizer
                     ) -> tuple[list[Encoded], list[Problem], int]:
-    """Render and tokenise; apply the overlength policy. Returns encodings, drops, truncations."""
+    """Render and tokenise; apply the overlength policy. Returns encodings, drops, truncations.
+
+    A record repeated by its source weight is encoded once and, when too long, dropped once (so
+    the summary's counts add up to the records read)."""
     prefix = special_prefix(tokenizer)
     encoded, problems, truncated = [], [], 0
+    done: dict[int, Encoded | None] = {}
     for example in examples:
-        full = encode_segments(render_segments(example.messages, data.template, tokenizer), tokenizer, prefix)
-        fitted = fit_length(full, data.max_seq_length, data.overlength)
+        if id(example) not in done:
+            full = encode_segments(render_segments(example.messages, data.template, tokenizer), tokenizer, prefix)
+            done[id(example)] = fit_length(full, data.max_seq_length, data.overlength)
+            if done[id(example)] is None:
+                problems.append(Problem(example.origin, None, f"{len(full.input_ids)} tokens > max_seq_length "
+                                        f"{data.max_seq_length} (data.overlength=drop)", "length"))
+                log.warning("skipped %s", problems[-1])
+        fitted = done[id(example)]
         if fitted is None:
-            problems.append(Problem(example.origin, None,
-                                    f"{len(full.input_ids)} tokens > max_seq_length {data.max_seq_length}", "length"))
             continue
         truncated += fitted.truncated
         encoded.append(fitted)
@@ -146,8 +162,13 @@ def prepare(config: Config, run: RunDir, tokenizer, tokenizer_name: str, strict:
     if strict and length_problems:
         raise DataError("examples longer than max_seq_length (--strict, overlength=drop):\n  "
                         + "\n  ".join(map(str, length_problems[:20])))
+    dropped = Counter(p.kind for p in problems + length_problems)
     if not encoded:
-        raise DataError("no training examples left after validation; see the warnings above")
+        why = ", ".join(f"{n} {k}" for k, n in sorted(dropped.items())) or "none dropped"
+        raise DataError(f"no training examples left: read {read} record(s) from data.sources ({why}); "
+                        + ("the sources hold no records" if not read else
+                           "each dropped record is named in the warnings above" if dropped else
+                           "data.max_records or the source weights left none"))
     n_eval = int(len(encoded) * data.eval_fraction)
     eval_set, train_set = encoded[:n_eval], encoded[n_eval:]
     train_rows = (pack_examples(train_set, data.max_seq_length) if data.packing
@@ -156,9 +177,10 @@ def prepare(config: Config, run: RunDir, tokenizer, tokenizer_name: str, strict:
     run.data_dir.mkdir(parents=True, exist_ok=True)
     write_rows(run.data_dir / "train.jsonl", train_rows)
     write_rows(run.data_dir / "eval.jsonl", eval_rows)
-    dropped = Counter(p.kind for p in problems + length_problems)
+    records_kept = len({id(e) for e in examples}) - len(length_problems)
     summary = Summary(
-        read=read, kept=len(encoded), truncated=truncated, dropped=dict(dropped), formats=formats,
+        read=read, kept=len(encoded), records_kept=records_kept,
+        left_out=max(0, read - records_kept - sum(dropped.values())), truncated=truncated, dropped=dict(dropped), formats=formats,
         train_rows=len(train_rows), eval_rows=len(eval_rows),
         train_tokens=sum(len(r["input_ids"]) for r in train_rows),
         answer_tokens=sum(sum(1 for x in r["labels"] if x != -100) for r in train_rows),

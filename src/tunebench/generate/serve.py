@@ -58,6 +58,7 @@ class ChatRequest:
     messages: list[dict[str, str]]
     changes: dict  # generate settings for this request (Generator.with_settings)
     stream: bool
+    max_tokens_asked: bool = False  # False: the server's default, shortened to fit the context
 
 
 def context_length(model) -> int | None:
@@ -111,7 +112,7 @@ def parse_chat_request(body, limits: Limits, default_max_tokens: int) -> ChatReq
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise RequestError(f"'stream' must be true or false, got {json.dumps(stream)}")
-    return ChatRequest(messages, changes, bool(stream))
+    return ChatRequest(messages, changes, bool(stream), max_tokens is not None)
 
 
 def content_text(content) -> str:
@@ -201,7 +202,10 @@ class ChatServer(ThreadingHTTPServer):
             raise RequestError(f"the prompt is {len(prompt)} tokens; this server accepts at most "
                                f"{self.limits.max_prompt_tokens} (tunebench serve --max-prompt-tokens)")
         context = self.limits.context
-        if context and len(prompt) + generator.config.max_new_tokens > context:
+        room = context - len(prompt) if context else None
+        if room is not None and not request.max_tokens_asked and 0 < room < generator.config.max_new_tokens:
+            generator = generator.with_settings(max_new_tokens=room)  # the default shrinks to fit
+        if room is not None and len(prompt) + generator.config.max_new_tokens > context:
             raise RequestError(f"the prompt ({len(prompt)} tokens) plus max_tokens "
                                f"({generator.config.max_new_tokens}) exceeds the model's context of {context}")
         return request, generator, prompt

@@ -75,14 +75,19 @@ def calibrate(config: JudgeConfig, n: int, out_dir: Path, data_dir: str | None =
                          requests_per_minute=config.requests_per_minute, max_retries=config.max_retries,
                          backoff_s=config.backoff_s, max_wait_s=config.max_wait_s)
     judgments = runner.judge_all(items, progress)
-    ours, theirs = [], []
+    if runner.interrupted:  # finished judgments are cached; a rerun continues
+        raise KeyboardInterrupt
+    ours, theirs, errors = [], [], []
     for item, row in zip(items, sample):
-        score = judgments[item.task_id][0]["score"]
-        if score is not None:
-            ours.append(score)
+        record = judgments[item.task_id][0]
+        if record["score"] is not None:
+            ours.append(record["score"])
             theirs.append(row["scores"][reference_judge])
+        else:
+            errors.append(record["error"])
     if not ours:
-        raise DataError("the judge scored none of the calibration answers; see the warnings above")
+        raise DataError(f"the judge scored none of the {len(items)} calibration answers "
+                        f"(first error: {errors[0] if errors else 'none'}); a rerun asks again")
     result = {"judge": backend.name, "reference_judge": reference_judge, "sampled": len(items),
               "unscored": len(items) - len(ours), **agreement(ours, theirs)}
     write_json_atomic(out_dir / "calibration.json", result)

@@ -14,8 +14,9 @@ from tunebench.train.loss import loss_totals
 
 
 def reference_nll(model, tokenizer, template: str, tasks_name: str = "elyza-tasks-100", batch_size: int = 4,
-                  max_length: int = 2048) -> dict:
-    tasks = [t for t in load_tasks(tasks_name) if t.reference]
+                  max_length: int = 2048, limit: int | None = None) -> dict:
+    """`limit`: score only the first N tasks with a reference (a quick run's generate.limit)."""
+    tasks = [t for t in load_tasks(tasks_name) if t.reference][:limit]
     if not tasks:
         raise DataError(f"{tasks_name} has no reference answers (field 'output'); use elyza-tasks-100")
     rows = []

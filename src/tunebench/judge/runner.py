@@ -91,6 +91,8 @@ class JudgeRunner:
         """Judgments per task_id (one per sample), from the cache or the backend.
 
         After Ctrl-C the result holds what finished and `self.interrupted` is True."""
+        self.stopping.clear()
+        self.interrupted = False
         cache = load_cache(self.cache_path)
         jobs, results = [], {item.task_id: [] for item in items}
         for item in items:
