@@ -145,3 +145,11 @@ def test_published_names_use_hub_ids():
         json.dumps({"base_model_name_or_path": "/home/me/.cache/tunebench/models/gemma-3-270m-a5fd"}),
         "embedded:gemma-3-270m"))
     assert adapter["base_model_name_or_path"] == "google/gemma-3-270m"
+
+
+def test_model_card_with_nothing_scored_says_so_instead_of_crashing():
+    from tunebench.train.push import model_card
+
+    scores = {"mean": None, "ci_low": None, "ci_high": None, "scored": 0, "unscored": 100}
+    card = model_card({"base_model": "embedded:gemma-3-270m", "method": "lora"}, {"train": {}, "data": {}}, scores, "me/x")
+    assert "No judge scores recorded." in card

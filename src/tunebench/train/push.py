@@ -62,7 +62,7 @@ def model_card(meta: dict, config: dict, scores: dict | None, repo: str) -> str:
     rows = "\n".join(f"| {k} | {train.get(k)} |" for k in keys if k in train)
     sources = "\n".join(f"- `{public_source(s['path'])}` (weight {s.get('weight', 1.0)})" for s in data.get("sources", []))
     score_text = "No judge scores recorded."
-    if scores:
+    if scores and scores.get("mean") is not None:  # a judge run that scored nothing has a null mean
         score_text = (f"Mean judge score {scores['mean']:.2f} (95% CI {scores['ci_low']:.2f}–{scores['ci_high']:.2f}) "
                       f"on {scores.get('tasks', '?')} by {scores.get('judge', '?')}, "
                       f"{scores.get('scored', '?')} scored, {scores.get('unscored', 0)} unscored.")
