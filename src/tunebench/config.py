@@ -98,6 +98,17 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the GPU has it
     seed: int = 42
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    # sft: next-token loss on answers. dpo / orpo / simpo: preference optimisation on pairs
+    # {"prompt", "chosen", "rejected"} (data.sources then hold pairs; see README "Preference optimisation").
+    objective: Literal["sft", "dpo", "orpo", "simpo"] = "sft"
+    # Start from a finished run (runs/NAME): its adapter is trained on (or its full model is the base),
+    # and for dpo it is the reference model. model.name_or_path: runs/NAME does the same.
+    init_from: str | None = None
+    dpo_beta: float = 0.1  # DPO's β (Rafailov et al. 2023; TRL's default)
+    dpo_label_smoothing: float = 0.0  # conservative DPO: the assumed share of flipped labels
+    orpo_lambda: float = 0.1  # ORPO's λ on the odds-ratio term (Hong et al. 2024; TRL calls it beta)
+    simpo_beta: float = 2.0  # SimPO's β on length-normalised log-probs (Meng et al. 2024)
+    simpo_gamma: float = 1.0  # SimPO's target margin γ: γ/β = 0.5, the ratio the SimPO authors recommend
 
 
 @dataclass

@@ -25,8 +25,9 @@ def peft_config(train: TrainConfig):
     raise ConfigError(f"unknown train.method '{train.method}' (choose from: {', '.join(METHODS)})")
 
 
-def make_trainable(model, train: TrainConfig):
-    """Attach the method's adapters (or unfreeze everything for full) and set up checkpointing."""
+def make_trainable(model, train: TrainConfig, adapter=None):
+    """Attach the method's adapters (or unfreeze everything for full) and set up checkpointing.
+    adapter: a saved LoRA adapter folder to go on training (lora/qlora starting from a run)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     # Frozen-weight offload needs the re-entrant form (see train/offload.py); otherwise the
@@ -42,6 +43,10 @@ def make_trainable(model, train: TrainConfig):
     if train.gradient_checkpointing and checkpointing["use_reentrant"]:
         model.enable_input_require_grads()  # re-entrant checkpoints pass gradients only to inputs that need them
     config = peft_config(train)
+    if adapter is not None and config is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     if config is None:
         for param in model.parameters():
             param.requires_grad_(True)

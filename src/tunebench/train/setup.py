@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,6 +18,7 @@ from tunebench.config import Config, TrainConfig
 from tunebench.data.prepare import Summary
 from tunebench.errors import ConfigError
 from tunebench.models.load import load_base_model
+from tunebench.models.trained import find_trained
 from tunebench.runs import RunDir
 from tunebench.train.checkpoint import latest_checkpoint, load_checkpoint
 from tunebench.train.distributed import Dist
@@ -57,13 +59,55 @@ def resolve_levers(t: TrainConfig, model, device: torch.device, world: int) -> T
     return t
 
 
-def load_model(config: Config, dist: Dist, device: torch.device, dtype: torch.dtype):
-    """Load the base, resolve the levers, attach the method; returns (model, train config)."""
+@dataclass(frozen=True)
+class StartPoint:
+    """Where training starts: the base to load, an adapter to go on training, and what the result applies to."""
+
+    config: Config  # model.name_or_path is the base to load; data.template the run's template
+    adapter: Path | None = None
+    base_model: str = ""
+    source: str = ""  # the run started from ("" for a plain base model)
+
+
+def resolve_start(config: Config) -> StartPoint:
+    """train.init_from (or model.name_or_path naming a finished run) → the base and adapter to load."""
+    source = config.train.init_from
+    if source is None and find_trained(Path(config.model.name_or_path)) is not None:
+        source = config.model.name_or_path
+    if source is None:
+        return StartPoint(config, None, config.model.name_or_path)
+    trained = find_trained(Path(source))
+    if trained is None:
+        raise ConfigError(f"train.init_from: {source} holds no finished run (no tunebench.json in it, "
+                          "its adapter/ or its model/); train it first, or give a model id")
+    meta = json.loads((trained / "tunebench.json").read_text(encoding="utf-8"))
+    template = meta.get("template") or config.data.template
+    if template != config.data.template:
+        log.info("data.template: %s, the template %s was trained with", template, source)
+    adapter = trained if (trained / "adapter_config.json").exists() else None
+    if adapter is not None:
+        kind = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
+        if kind != "LORA" and config.train.method in ("lora", "qlora", "full"):
+            raise ConfigError(f"train.init_from: {source} is a {kind} adapter; lora, qlora and full can start "
+                              "from a LoRA adapter or a full model only")
+    base = meta["base_model"] if adapter is not None else str(trained)
+    started = replace(config, model=replace(config.model, name_or_path=base),
+                      data=replace(config.data, template=template))
+    return StartPoint(started, adapter, base, str(trained))
+
+
+def load_model(config: Config, dist: Dist, device: torch.device, dtype: torch.dtype, adapter: Path | None = None):
+    """Load the base (+ the adapter of the run started from), resolve the levers, attach the method;
+    returns (model, train config)."""
     t = config.train
     model = load_base_model(config.model, dtype if t.method != "full" else torch.float32,
                             quantize_4bit=t.method == "qlora", device=device)
+    if adapter is not None and t.method == "full":  # full training goes on from the merged SFT model
+        from peft import PeftModel
+
+        model, adapter = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), None
     t = resolve_levers(t, model, device, dist.world)
-    model = dist.wrap(make_trainable(model, t))
+    model = dist.wrap(make_trainable(model, t, adapter))
     if t.offload_frozen:
         offload = enable_offload(model, device)
         log.info("offload: %.2f GiB of frozen weights in host memory, streamed one layer ahead%s",

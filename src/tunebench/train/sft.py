@@ -12,6 +12,8 @@ whole accumulation window, so gradient accumulation gives the same update as one
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -25,7 +27,7 @@ import torch
 from tunebench import __version__
 from tunebench.config import Config
 from tunebench.data.batches import join_examples, pad_batch
-from tunebench.data.prepare import Summary, prepare, read_rows
+from tunebench.data.prepare import Summary, prepare, prepare_pairs, read_rows
 from tunebench.errors import ConfigError, DataError
 from tunebench.models.load import compute_dtype, pick_device
 from tunebench.models.tokenizer import load_tokenizer
@@ -35,7 +37,16 @@ from tunebench.train.fingerprint import code_fingerprint
 from tunebench.train.loop import TrainState, fit
 from tunebench.train.loss import answer_tokens, token_loss_sum, use_answer_only_logits
 from tunebench.train.offload import use_offload
-from tunebench.train.setup import autocast_for, build_optimizer, load_model, prepare_once, resume_from_checkpoint
+from tunebench.train.preference import Preference, attach_reference, check_preference
+from tunebench.train.setup import (
+    StartPoint,
+    autocast_for,
+    build_optimizer,
+    load_model,
+    prepare_once,
+    resolve_start,
+    resume_from_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +111,8 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
     """Fine-tune and return the folder holding the final adapter (or full model).
 
     setup (data once, model, levers, optimizer, resume) → fit → save_final. `prepared`: the data
-    stage's summary when the caller (the pipeline) already ran it for this run.
+    stage's summary when the caller (the pipeline) already ran it for this run. train.objective
+    picks the loss: SFT below, or DPO/ORPO/SimPO on pairs (train/preference.py).
     """
     t = config.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -110,9 +122,10 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
     if config.data.packing and t.method in ("prefix", "prompt"):
         raise ConfigError("data.packing cannot be combined with prefix or prompt tuning "
                           "(virtual tokens would be shared across packed examples)")
+    check_preference(t)
     set_seed(t.seed)
-    state = setup(config, run, resume, allow_contamination, prepared)
-    objective = SFT()
+    state = setup(resolve_start(config), run, resume, allow_contamination, prepared)
+    objective = SFT() if t.objective == "sft" else Preference(state.train)
     # Micro-batch k of the run is the same whatever the number of processes: with a global batch of
     # accum × world micro-batches per step, rank r takes every world-th one, so a checkpoint
     # resumes on another number of GPUs when accum × world is unchanged.
@@ -121,27 +134,39 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
     return finish(state)
 
 
-def setup(config: Config, run: RunDir, resume: bool, allow_contamination: bool, prepared: Summary | None
+def setup(start: StartPoint, run: RunDir, resume: bool, allow_contamination: bool, prepared: Summary | None
           ) -> TrainState:
-    """Data (prepared once), model with its levers decided, optimizer and the resume point."""
+    """Data (prepared once), model with its levers decided, DPO's reference log-probs, optimizer and
+    the resume point (restored after the reference pass, which needs the starting weights)."""
+    config = start.config
     dist = Dist(cpu=not torch.cuda.is_available())  # one process unless run under accelerate launch
     device = dist.device or pick_device()
     dtype = compute_dtype(config.train.precision, device)
     tokenizer = load_tokenizer(config.model)
     tokenizer_name = config.model.tokenizer or config.model.name_or_path
-    summary = prepare_once(config, run, dist, lambda: prepare(config, run, tokenizer, tokenizer_name,
-                                                              allow_contamination=allow_contamination), prepared)
+    prepare_fn = prepare if config.train.objective == "sft" else prepare_pairs
+    summary = prepare_once(config, run, dist, lambda: prepare_fn(config, run, tokenizer, tokenizer_name,
+                                                                 allow_contamination=allow_contamination), prepared)
     rows = read_rows(run.data_dir / "train.jsonl")
     if not rows:
         raise DataError("the prepared training set is empty")
-    model, t = load_model(config, dist, device, dtype)
+    model, t = load_model(config, dist, device, dtype, start.adapter)
     state = TrainState(config=config, train=t, run=run, dist=dist, device=device, autocast=autocast_for(dtype),
                        tokenizer=tokenizer, rows=rows, eval_rows=read_rows(run.data_dir / "eval.jsonl"),
-                       data_fingerprint=summary.fingerprint, model=model, base_model=config.model.name_or_path)
+                       data_fingerprint=summary.fingerprint, model=model, base_model=start.base_model)
     state.steps = total_steps(config, len(rows), dist.world)
+    if t.objective == "dpo":
+        attach_reference(state, reference_key(start, summary.fingerprint, dtype))
     build_optimizer(state)
     resume_from_checkpoint(state, resume)
     return state
+
+
+def reference_key(start: StartPoint, data_fingerprint: str, dtype: torch.dtype) -> str:
+    """What DPO's cached reference log-probs depend on: the pairs, the starting model and its precision."""
+    meta = (Path(start.source) / "tunebench.json").read_text(encoding="utf-8") if start.source else start.base_model
+    return hashlib.sha256(json.dumps([data_fingerprint, meta, start.config.train.method, str(dtype)]).encode()
+                          ).hexdigest()[:16]
 
 
 def finish(state: TrainState) -> Path:
@@ -164,6 +189,7 @@ def save_final(model, tokenizer, config: Config, run: RunDir, data_fingerprint: 
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     meta = {"base_model": base_model or config.model.name_or_path, "method": config.train.method,
+            "objective": config.train.objective,
             "template": config.data.template, "max_seq_length": config.data.max_seq_length,
             "steps": steps, "data_fingerprint": data_fingerprint, "code_fingerprint": code_fingerprint(),
             "tunebench_version": __version__}
