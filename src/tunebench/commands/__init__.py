@@ -1,6 +1,6 @@
 """One module per CLI verb group; each has `register(subparsers)` adding its parsers and handlers."""
 
-from tunebench.commands import data_cmd, generate_cmd, judge_cmd, pipeline_cmd, train_cmd
+from tunebench.commands import data_cmd, generate_cmd, judge_cmd, pairs_cmd, pipeline_cmd, train_cmd
 
 REGISTRY = [data_cmd.register, train_cmd.register, generate_cmd.register, judge_cmd.register,
-            pipeline_cmd.register]
+            pipeline_cmd.register, pairs_cmd.register]
