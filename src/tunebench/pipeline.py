@@ -37,6 +37,11 @@ def run_pipeline(config: Config, run: RunDir, allow_contamination: bool = False)
 
     # 1. data (the fingerprint makes this a no-op when nothing changed)
     tokenizer = load_tokenizer(config.model)
+    if config.train.objective != "sft":  # preference pairs, rendered with the template of the run started from
+        from tunebench.data.prepare import prepare_pairs as prepare
+        from tunebench.train.setup import resolve_start
+
+        config = resolve_start(config).config
     summary = prepare(config, run, tokenizer, config.model.tokenizer or config.model.name_or_path,
                       allow_contamination=allow_contamination)
     result.stages["data"] = "done"

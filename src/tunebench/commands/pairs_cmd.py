@@ -29,6 +29,7 @@ def register(sub) -> None:
     make.add_argument("--mode", default="reference", choices=["reference", "judge"])
     make.add_argument("--samples", type=int, default=4, help="judge mode: answers sampled per prompt (default 4)")
     make.add_argument("--temperature", type=float, default=1.0, help="judge mode: sampling temperature")
+    make.add_argument("--limit", type=int, help="use only the first N prompts (quick runs)")
     make.add_argument("--config", help="generate/judge settings from this config (default: the run's own)")
     add_overrides_arg(make, "generate.max_new_tokens=256")
     make.set_defaults(func=run_make)
@@ -40,7 +41,8 @@ def run_make(args) -> int:
 
     config = settings_for(args.run, args.config, args.overrides)
     summary = make_pairs(args.run, args.prompts, Path(args.out), args.mode, config.generate, config.judge,
-                         samples=args.samples, temperature=args.temperature, fmt=args.format)
+                         samples=args.samples, temperature=args.temperature, fmt=args.format,
+                         limit=args.limit)
     print(summary.line())
     print(f"pairs: {args.out} (summary: {args.out}.summary.json)")
     return 0

@@ -154,7 +154,7 @@ def pair_record(prompt: Prompt, chosen: str, rejected: str) -> dict:
 
 def make_pairs(target: str, prompts_path: str, out: Path, mode: str, generate: GenerateConfig,
                judge: JudgeConfig, samples: int = 4, temperature: float = 1.0, fmt: str = "auto",
-               generator=None, backend=None) -> PairsSummary:
+               limit: int | None = None, generator=None, backend=None) -> PairsSummary:
     """Build OUT (JSONL pairs) and OUT.summary.json; `generator`/`backend` replace the real ones in tests."""
     if mode not in MODES:
         raise ConfigError(f"--mode {mode}: choose from {', '.join(MODES)}")
@@ -162,7 +162,7 @@ def make_pairs(target: str, prompts_path: str, out: Path, mode: str, generate: G
         raise ConfigError("--mode judge needs a judge: set judge.judge (e.g. --set judge.judge=openai:gpt-4o-mini)")
     if mode == "judge" and samples < 2:
         raise ConfigError("--mode judge needs --samples 2 or more (best and worst of k answers)")
-    prompts = read_prompts(prompts_path, fmt)
+    prompts = read_prompts(prompts_path, fmt)[:limit]
     k = 1 if mode == "reference" else samples
     settings = (replace(generate, do_sample=False, limit=None) if mode == "reference"
                 else replace(generate, do_sample=True, temperature=temperature, limit=None))
