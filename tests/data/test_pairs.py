@@ -103,3 +103,15 @@ def test_prepare_pairs_writes_encoded_pairs_and_counts_drops(tmp_path, tokenizer
     assert (summary.read, summary.kept, summary.dropped) == (2, 1, {"duplicate": 1})
     (row,) = [json.loads(line) for line in (run.data_dir / "train.jsonl").read_text().splitlines()]
     assert set(row) == {"chosen", "rejected"}
+
+
+def test_data_inspect_understands_pairs(tmp_path, capsys):
+    from tunebench.cli import main
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "猫の鳴き声は？", "chosen": "にゃあ。", "rejected": "わん。"},
+                                             {"prompt": "q", "chosen": "same", "rejected": "same"}])
+    assert main(["data", "inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "format: pairs" in out and "records: 2 read, 1 valid, 1 with problems" in out
+    assert f"{path}:2: field 'rejected': equals chosen" in out
+    assert "[chosen] ⟦### 指示\n猫の鳴き声は？\n### 回答\n⟧にゃあ。<EOS>" in out and "[rejected] ⟦" in out
