@@ -115,3 +115,16 @@ def test_data_inspect_understands_pairs(tmp_path, capsys):
     assert "format: pairs" in out and "records: 2 read, 1 valid, 1 with problems" in out
     assert f"{path}:2: field 'rejected': equals chosen" in out
     assert "[chosen] ⟦### 指示\n猫の鳴き声は？\n### 回答\n⟧にゃあ。<EOS>" in out and "[rejected] ⟦" in out
+
+
+def test_pairs_read_from_parquet_and_json_arrays(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "q1", "chosen": "a", "rejected": "b"}, {"prompt": "q2", "chosen": "c", "rejected": ""}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    (tmp_path / "p.json").write_text(json.dumps(rows), encoding="utf-8")
+    for name, where in (("p.parquet", "[record 1]"), ("p.json", "[record 1]")):
+        pairs, problems = pairs_and_problems(tmp_path / name)
+        assert [(p.chosen, p.rejected) for p in pairs] == [("a", "b")]
+        assert problems == [f"{tmp_path / name}{where}: field 'rejected': is empty or only whitespace"]
