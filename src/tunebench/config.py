@@ -117,6 +117,20 @@ class TrainConfig:
     seed: int = option(42, range="[0, 4294967295]", help="seed of initialisation and data order")
     report_to: list[Literal["tensorboard", "wandb"]] = option(
         factory=list, help="also log metrics to these trackers (optional extras)")
+    objective: Literal["sft", "dpo", "orpo", "simpo"] = option(
+        "sft", help="sft: next-token loss on answers; dpo, orpo, simpo: preference optimisation on pairs "
+        "{prompt, chosen, rejected} (data.sources then hold pairs)")
+    init_from: str | None = option(
+        None, help="start from a finished run (runs/NAME): its adapter is trained on (or its full model is the "
+        "base), and for dpo it is the reference model; model.name_or_path: runs/NAME does the same")
+    dpo_beta: float = option(0.1, range="> 0", help="DPO's β (Rafailov et al. 2023; TRL's default)")
+    dpo_label_smoothing: float = option(0.0, range="[0, 0.5)", help="conservative DPO: the assumed share of "
+                                        "flipped labels")
+    orpo_lambda: float = option(0.1, range="≥ 0", help="ORPO's λ on the odds-ratio term (Hong et al. 2024; "
+                                "TRL calls it beta)")
+    simpo_beta: float = option(2.0, range="> 0", help="SimPO's β on length-normalised log-probs (Meng et al. 2024)")
+    simpo_gamma: float = option(1.0, range="≥ 0", help="SimPO's target margin γ (γ/β = 0.5, the ratio the SimPO "
+                                "authors recommend)")
 
 
 @dataclass

@@ -71,6 +71,9 @@ def offload_refusal(method: str, checkpointing: bool, world: int) -> str | None:
 def combination_problems(config: Config, world_size: int) -> list[str]:
     """Settings that are each valid but cannot work together."""
     t, problems = config.train, []
+    if t.objective != "sft" and get_method(t.method).virtual_tokens:
+        problems.append(f"'train.objective' {t.objective} works with lora, qlora and full, not {t.method} "
+                        "(virtual tokens cannot be shared by a joined chosen/rejected row)")
     if config.data.packing and get_method(t.method).virtual_tokens:
         problems.append("'data.packing' cannot be combined with prefix or prompt tuning (train.method): "
                         "virtual tokens would be shared across packed examples")

@@ -48,8 +48,13 @@ def run_pipeline(config: Config, run: RunDir, allow_contamination: bool = False)
 
     # 1. data (the fingerprint makes this a no-op when nothing changed)
     tokenizer = load_tokenizer(config.model)
-    prepare(config, run, tokenizer, config.model.tokenizer or config.model.name_or_path,
-            allow_contamination=allow_contamination)
+    if config.train.objective != "sft":  # preference pairs, rendered with the template of the run started from
+        from tunebench.data.prepare import prepare_pairs as prepare
+        from tunebench.train.setup import resolve_start
+
+        config = resolve_start(config).config
+    summary = prepare(config, run, tokenizer, config.model.tokenizer or config.model.name_or_path,
+                      allow_contamination=allow_contamination)
     result.stages["data"] = "done"
 
     # 2. train (resumes from the last checkpoint after a crash)
@@ -57,7 +62,7 @@ def run_pipeline(config: Config, run: RunDir, allow_contamination: bool = False)
         result.stages["train"] = "skipped (already trained)"
     else:
         resume = (run.checkpoints).exists()
-        train(config, run, resume=resume, allow_contamination=allow_contamination)
+        train(config, run, resume=resume, allow_contamination=allow_contamination, prepared=summary)
         result.stages["train"] = "resumed" if resume else "done"
 
     # 3–4. generate + validate (skips answered tasks; validation runs at its end)

@@ -82,3 +82,17 @@ def test_report_renders_in_headless_chromium(two_runs, tmp_path):
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 1200
     assert len(png) > 20_000  # a blank page compresses to a few kB; tables, text and plots do not
+
+
+def test_report_plots_reward_margin_and_accuracy_of_a_preference_run(two_runs, tmp_path):
+    sft, dpo = two_runs
+    (dpo / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": i + 1, "loss": 0.69 - 0.1 * i, "reward_margin": 0.2 * i, "reward_accuracy": 0.5 + 0.1 * i}) + "\n"
+        for i in range(3)), encoding="utf-8")
+    out = tmp_path / "report"
+    assert main(["report", str(sft), str(dpo), "--out", str(out)]) == 0
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Preference rewards" in html and "reward margin (chosen − rejected)" in html and "reward accuracy" in html
+    assert html.count('class="series"') == 2 + 2  # the loss chart's two runs, then one line per preference chart
+    assert main(["report", str(sft), "--out", str(tmp_path / "plain")]) == 0
+    assert "Preference rewards" not in (tmp_path / "plain" / "report.html").read_text(encoding="utf-8")

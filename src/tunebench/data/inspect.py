@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from tunebench.data.contamination import build_eval_index, find_contamination
 from tunebench.data.dedup import drop_duplicates
-from tunebench.data.readers import read_source
+from tunebench.data.pairs import encode_response, is_pair_row, row_to_pair
+from tunebench.data.readers import read_rows, read_source
 from tunebench.data.records import Example, Problem
 from tunebench.data.templates import render_segments
 from tunebench.data.tokens import IGNORE, encode_segments, special_prefix
@@ -31,7 +32,12 @@ class Inspection:
 
 def inspect_source(path: str, fmt: str, template: str, max_len: int, tokenizer=None,
                    task_sets: list[str] = (), n_samples: int = 3) -> Inspection:
-    """Read and measure one source; tokenizer=None measures characters instead of tokens."""
+    """Read and measure one source; tokenizer=None measures characters instead of tokens.
+    Preference pairs ({prompt, chosen, rejected} and the other pair shapes) are recognised."""
+    if fmt == "auto":
+        rows, bad = read_rows(path)
+        if rows and sum(is_pair_row(r.data) for r in rows[:200]) * 2 > min(len(rows), 200):
+            return inspect_pairs(path, rows, bad, template, max_len, tokenizer, task_sets, n_samples)
     result = read_source(path, fmt)
     examples, duplicates = drop_duplicates(result.examples)
     problems = result.problems + duplicates + find_contamination(examples, build_eval_index(list(task_sets)))
@@ -48,6 +54,34 @@ def inspect_source(path: str, fmt: str, template: str, max_len: int, tokenizer=N
         unit = "characters"
     over = sum(1 for n in lengths if n > max_len)
     return Inspection(path, result.format, result.rows_read, len(examples), problems, lengths, unit,
+                      over / len(lengths) if lengths else 0.0, samples)
+
+
+def inspect_pairs(path: str, rows: list, problems: list[Problem], template: str, max_len: int, tokenizer,
+                  task_sets: list[str], n_samples: int) -> Inspection:
+    """Pairs: validation problems, the length of each side (prompt + response), and samples showing
+    the masked prompt with the chosen and the rejected response."""
+    problems = list(problems)
+    pairs = [p for p in (row_to_pair(row, problems) for row in rows) if p is not None]
+    problems += find_contamination([p.as_example() for p in pairs], build_eval_index(list(task_sets)))
+    lengths, samples = [], []
+    for i, pair in enumerate(pairs):
+        sides = []
+        for key in ("chosen", "rejected"):
+            messages = pair.prompt + [{"role": "assistant", "content": getattr(pair, key)}]
+            if tokenizer is not None:
+                encoded = encode_response(pair.prompt, getattr(pair, key), template, tokenizer,
+                                          special_prefix(tokenizer))
+                lengths.append(len(encoded.input_ids))
+                sides.append(f"[{key}] " + mark_masked(encoded.input_ids, encoded.labels, tokenizer))
+            else:
+                lengths.append(sum(len(s.text) for s in render_segments(messages, template)))
+                sides.append(f"[{key}] " + mark_masked_text(Example(messages, pair.origin), template))
+        if i < n_samples:
+            samples.append("\n".join(sides))
+    over = sum(1 for n in lengths if n > max_len)
+    return Inspection(path, "pairs", len(rows) + sum(1 for p in problems if p.kind in ("json", "encoding")),
+                      len(pairs), problems, lengths, "tokens" if tokenizer is not None else "characters",
                       over / len(lengths) if lengths else 0.0, samples)
 
 

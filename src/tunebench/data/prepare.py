@@ -78,15 +78,7 @@ def collect_examples(data: DataConfig, strict: bool, allow_contamination: bool
     everything = [e for _, group in per_source for e in group]
     unique, dup_problems = drop_duplicates(everything)
     problems += dup_problems
-    contaminated = find_contamination(unique, build_eval_index(data.contamination_sets))
-    if contaminated and not (allow_contamination or data.allow_contamination):
-        raise DataError(
-            f"{len(contaminated)} training record(s) overlap evaluation data:\n  "
-            + "\n  ".join(map(str, contaminated[:10]))
-            + "\nremove them, or pass --allow-contamination if you know what you are doing"
-        )
-    for problem in contaminated:
-        log.warning("kept despite overlap (--allow-contamination): %s", problem)
+    guard_contamination(unique, data, allow_contamination)
     if strict and problems:
         raise DataError(f"{len(problems)} bad record(s) (--strict):\n  " + "\n  ".join(map(str, problems[:20]))
                         + ("\n  ..." if len(problems) > 20 else ""))
@@ -101,6 +93,19 @@ def collect_examples(data: DataConfig, strict: bool, allow_contamination: bool
     if data.max_records is not None:
         examples = examples[: data.max_records]
     return examples, problems, formats, read
+
+
+def guard_contamination(examples: list[Example], data: DataConfig, allow_contamination: bool) -> None:
+    """Refuse training records (or pair prompts) whose user text overlaps evaluation inputs."""
+    contaminated = find_contamination(examples, build_eval_index(data.contamination_sets))
+    if contaminated and not (allow_contamination or data.allow_contamination):
+        raise DataError(
+            f"{len(contaminated)} training record(s) overlap evaluation data:\n  "
+            + "\n  ".join(map(str, contaminated[:10]))
+            + "\nremove them, or pass --allow-contamination if you know what you are doing"
+        )
+    for problem in contaminated:
+        log.warning("kept despite overlap (--allow-contamination): %s", problem)
 
 
 def mix_weight(group: list[Example], weight: float, rng: random.Random) -> list[Example]:
@@ -201,3 +206,59 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 def read_rows(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def collect_pairs(data: DataConfig, allow_contamination: bool) -> tuple[list, list[Problem], dict[str, str], int]:
+    """Read and validate every pair source; returns pairs (mixed and shuffled), problems, formats, rows read."""
+    from tunebench.data.pairs import row_to_pair
+    from tunebench.data.readers import read_rows as read_raw_rows
+
+    if not data.sources:
+        raise DataError("data.sources is empty: add a file of preference pairs {prompt, chosen, rejected}")
+    rng = random.Random(data.seed)
+    pairs, problems, formats, read = [], [], {}, 0
+    for source in data.sources:
+        rows, bad = read_raw_rows(source.path, source.split)
+        problems += bad
+        read += len(rows) + len(bad)
+        formats[source.path] = "pairs"
+        group = [p for p in (row_to_pair(row, problems) for row in rows) if p is not None]
+        pairs += mix_weight(group, source.weight, rng)
+    guard_contamination([p.as_example() for p in pairs], data, allow_contamination)
+    for problem in problems:
+        log.warning("skipped %s", problem)
+    rng.shuffle(pairs)
+    return pairs[: data.max_records] if data.max_records is not None else pairs, problems, formats, read
+
+
+def prepare_pairs(config: Config, run: RunDir, tokenizer, tokenizer_name: str, allow_contamination: bool = False
+                  ) -> Summary:
+    """The data stage for preference objectives: data/train.jsonl holds one pair of encodings a line."""
+    from tunebench.data.pairs import encode_pair
+
+    data = config.data
+    fp = fingerprint(config, tokenizer_name + ":pairs")
+    summary_path = run.data_dir / "summary.json"
+    if summary_path.exists() and json.loads(summary_path.read_text(encoding="utf-8")).get("fingerprint") == fp:
+        return Summary(**json.loads(summary_path.read_text(encoding="utf-8")))
+    pairs, problems, formats, read = collect_pairs(data, allow_contamination)
+    prefix = special_prefix(tokenizer)
+    rows, dropped = [], Counter(p.kind for p in problems)
+    for pair in pairs:
+        row = encode_pair(pair, data.template, tokenizer, prefix, data.max_seq_length, data.overlength)
+        if row is None:
+            dropped["length"] += 1
+            log.warning("skipped %s: longer than max_seq_length %d", pair.origin, data.max_seq_length)
+        else:
+            rows.append(row)
+    if not rows:
+        raise DataError("no preference pairs left after validation; see the warnings above")
+    run.data_dir.mkdir(parents=True, exist_ok=True)
+    write_rows(run.data_dir / "train.jsonl", rows)
+    write_rows(run.data_dir / "eval.jsonl", [])
+    summary = Summary(read=read, kept=len(rows), dropped=dict(dropped), formats=formats, train_rows=len(rows),
+                      train_tokens=sum(len(r[k]["input_ids"]) for r in rows for k in ("chosen", "rejected")),
+                      answer_tokens=sum(sum(1 for x in r[k]["labels"] if x != -100) for r in rows
+                                        for k in ("chosen", "rejected")), fingerprint=fp)
+    write_json_atomic(summary_path, asdict(summary))  # written last: marks the stage complete
+    return summary

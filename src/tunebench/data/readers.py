@@ -212,6 +212,11 @@ def required_text(row: RawRow, key: str, problems: list[Problem]) -> str | None:
     if key not in row.data or value is None:
         problems.append(Problem(row.origin, key, "is missing", "missing"))
         return None
+    return text_value(row, key, value, problems)
+
+
+def text_value(row: RawRow, key: str, value: Any, problems: list[Problem]) -> str | None:
+    """A present field that must be non-blank text."""
     if not isinstance(value, str):
         problems.append(Problem(row.origin, key, f"must be a string, got {type(value).__name__}", "type"))
         return None
@@ -221,14 +226,14 @@ def required_text(row: RawRow, key: str, problems: list[Problem]) -> str | None:
     return value
 
 
-def chat_messages(row: RawRow, problems: list[Problem]) -> list[dict[str, str]] | None:
-    messages = row.data.get("messages")
+def message_list(row: RawRow, key: str, messages: Any, problems: list[Problem]) -> list[dict[str, str]] | None:
+    """A non-empty list of {role: system/user/assistant, content: non-empty text}, or a problem naming the field."""
     if not isinstance(messages, list) or not messages:
-        problems.append(Problem(row.origin, "messages", "must be a non-empty list of {role, content}", "type"))
+        problems.append(Problem(row.origin, key, "must be a non-empty list of {role, content}", "type"))
         return None
     out = []
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             problems.append(Problem(row.origin, f"{where}.role", "must be system, user or assistant", "type"))
             return None
@@ -237,6 +242,13 @@ def chat_messages(row: RawRow, problems: list[Problem]) -> list[dict[str, str]] 
             problems.append(Problem(row.origin, f"{where}.content", "is missing or empty", "empty"))
             return None
         out.append({"role": message["role"], "content": content})
+    return out
+
+
+def chat_messages(row: RawRow, problems: list[Problem]) -> list[dict[str, str]] | None:
+    out = message_list(row, "messages", row.data.get("messages"), problems)
+    if out is None:
+        return None
     turns = [m["role"] for m in out if m["role"] != "system"]
     if "assistant" not in turns or turns[0] != "user":
         problems.append(Problem(row.origin, "messages", "needs a user turn first and at least one assistant turn", "type"))

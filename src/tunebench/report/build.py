@@ -81,6 +81,13 @@ def render_html(runs: list[RunRecord], pairwise: dict | None = None) -> str:
                             "step", "loss"))
     if any(r.eval_losses for r in runs):
         parts.append(line_chart({r.name: r.eval_losses for r in runs}, "eval loss", "step", "loss"))
+    preference = [r for r in runs if r.series("reward_margin")]
+    if preference:  # DPO/ORPO/SimPO runs: how far chosen is preferred over rejected
+        parts.append("<h2>Preference rewards</h2>")
+        parts.append(line_chart({r.name: r.series("reward_margin") for r in preference},
+                                "reward margin (chosen − rejected)", "step", "margin"))
+        parts.append(line_chart({r.name: r.series("reward_accuracy") for r in preference},
+                                "reward accuracy (share of pairs with chosen ahead)", "step", "accuracy"))
     diffs = config_differences(runs)
     heading = "Config" if len(runs) == 1 else "Config differences"
     parts.append(f"<h2>{heading}</h2>" + (html_table(["setting"] + [r.name for r in runs],

@@ -34,6 +34,10 @@ class RunRecord:
     def eval_losses(self) -> list[tuple[int, float]]:
         return [(m["step"], m["eval_loss"]) for m in self.metrics if "eval_loss" in m]
 
+    def series(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of one logged quantity, e.g. reward_margin of a preference run."""
+        return [(m["step"], m[key]) for m in self.metrics if key in m]
+
     @property
     def task_scores(self) -> dict[Any, float | None]:
         return {row["task_id"]: row["score"] for row in (self.scores or {}).get("per_task", [])}

@@ -47,11 +47,7 @@ def use_answer_only_logits(setting: bool | None, model, method: str, world: int)
 
 
 def head_loss(causal, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = causal.get_output_embeddings()(hidden)
-    cap = getattr(causal.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return head_loss_each(causal, hidden, targets, "sum")
 
 
 def chunked_cross_entropy(causal, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -90,6 +86,43 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], answer_only_logits: bo
     logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens to the logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=IGNORE, reduction="sum")
+
+
+def head_token_logps(causal, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -head_loss_each(causal, hidden, targets)
+
+
+def head_loss_each(causal, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """Cross-entropy of the output layer (with Gemma's soft-capping) on (N, H) hidden states."""
+    logits = causal.get_output_embeddings()(hidden)
+    cap = getattr(causal.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits.float(), targets, reduction=reduction)
+
+
+def label_logprobs(model, batch: dict[str, torch.Tensor], answer_only_logits: bool = False,
+                   chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each labelled token, its row-major position index) for a batch.
+
+    With answer_only_logits the output layer runs only on the hidden states that predict a label,
+    `chunk` rows at a time and recomputed in backward, as for the SFT loss: the sum of a response's
+    label log-probs never needs vocabulary-wide logits at prompt positions.
+    """
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    where = keep.flatten().nonzero().squeeze(1)
+    if answer_only_logits:
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = causal.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
+        from torch.utils.checkpoint import checkpoint
+
+        parts = [checkpoint(head_token_logps, causal, hidden[i : i + chunk], targets[keep][i : i + chunk],
+                            use_reentrant=False) for i in range(0, len(hidden), chunk)]
+        return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), where
+    logits = model(**inputs, use_cache=False).logits[:, :-1][keep]
+    return -F.cross_entropy(logits.float(), targets[keep], reduction="none"), where
 
 
 @torch.no_grad()

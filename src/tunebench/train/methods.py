@@ -60,25 +60,31 @@ def peft_config(train: TrainConfig):
     return None  # full fine-tuning
 
 
-def make_trainable(model, train: TrainConfig):
-    """Attach the method's adapters (or unfreeze everything for full) and set up checkpointing."""
+def make_trainable(model, train: TrainConfig, adapter=None):
+    """Attach the method's adapters (or unfreeze everything for full) and set up checkpointing.
+    adapter: a saved LoRA adapter folder to go on training (lora/qlora starting from a run)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if train.method in ("qlora", "lora"):
+    method = get_method(train.method)
+    if method.lora:
         check_target_modules(model, train.target_modules)
     # Frozen-weight offload needs the re-entrant form (see train/offload.py); otherwise the
     # non-re-entrant one, which needs no inputs that require grad.
     checkpointing = {"use_reentrant": train.offload_frozen}
-    if train.method == "qlora" and train.kbit_upcast:
+    if method.quantized and train.kbit_upcast:
         # peft's recipe: casts every non-quantised weight (embeddings and lm_head too) to fp32.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=train.gradient_checkpointing,
             gradient_checkpointing_kwargs=checkpointing)
-    elif train.gradient_checkpointing and not get_method(train.method).virtual_tokens:
+    elif train.gradient_checkpointing and not method.virtual_tokens:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if train.gradient_checkpointing and checkpointing["use_reentrant"]:
         model.enable_input_require_grads()  # re-entrant checkpoints pass gradients only to inputs that need them
     config = peft_config(train)
+    if adapter is not None and config is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     if config is None:
         for param in model.parameters():
             param.requires_grad_(True)

@@ -1,0 +1,196 @@
+"""The fit loop every objective shares: accumulate, step, log, eval, checkpoint.
+
+What differs between SFT and the preference objectives (DPO, ORPO, SimPO) is only how a step's
+rows become micro-batches, what the step's loss is normalised by, and the summed loss (and
+statistics) of one micro-batch: an `Objective`. The loop, the exact-resume data order, the
+checkpoints and the metrics are one piece of code for all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+from tqdm import tqdm
+
+from tunebench.config import Config, TrainConfig
+from tunebench.runs import RunDir, append_jsonl
+from tunebench.train.checkpoint import save_checkpoint
+from tunebench.train.distributed import Dist
+from tunebench.train.loss import evaluate
+from tunebench.train.methods import get_method
+from tunebench.train.tracking import Trackers
+
+
+class Objective(Protocol):
+    """How one training objective turns rows into a loss; the loop does the rest."""
+
+    name: str
+
+    def weight(self, rows: list[dict]) -> int:
+        """What the loss of the whole global batch is normalised by (answer tokens, pairs)."""
+
+    def micro_batches(self, groups: list[list[dict]], pad_id: int, step_tokens: int | None
+                      ) -> list[tuple[dict, int]]:
+        """(tensor batch, real token count) for one optimizer step on this process."""
+
+    def loss(self, model, batch: dict[str, torch.Tensor], answer_only_logits: bool
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Summed loss of a micro-batch (to be divided by the weight) and summed statistics."""
+
+    def record(self, sums: dict[str, float], weight: int) -> dict[str, float]:
+        """The logged values for a window, from summed statistics over summed weight."""
+
+
+@dataclass
+class TrainState:
+    """Everything setup decided, handed to fit and save (the levers already resolved in `train`)."""
+
+    config: Config
+    train: TrainConfig
+    run: RunDir
+    dist: Dist
+    device: torch.device
+    autocast: Callable[[], Any]
+    tokenizer: Any
+    rows: list[dict]
+    eval_rows: list[dict]
+    data_fingerprint: str
+    model: Any = None
+    params: list = field(default_factory=list)
+    optimizer: Any = None
+    scheduler: Any = None
+    steps: int = 0
+    start: int = 0
+    base_model: str = ""  # what the saved adapter applies to (the SFT run's base when starting from one)
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    @property
+    def per_step(self) -> int:
+        """Micro-batches in one optimizer step over all processes."""
+        return self.train.gradient_accumulation_steps * self.dist.world
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last log line."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    weight: int = 0
+    tokens: int = 0
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, stats: dict[str, float]) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+
+def fit(state: TrainState, objective: Objective, order: list[list[int]]) -> None:
+    """Train from state.start to state.steps; `order` is the run's micro-batch order."""
+    t, dist = state.train, state.dist
+    trackers = Trackers(t.report_to, state.run.root, state.config_dict())
+    window = Window()
+    bar = tqdm(total=state.steps, initial=state.start, desc=f"train {t.method}"
+               + ("" if objective.name == "sft" else f" {objective.name}"), unit="step", dynamic_ncols=True,
+               disable=not dist.is_main)
+    for step in range(state.start, state.steps):
+        grad_norm = train_step(state, objective, order[step * state.per_step : (step + 1) * state.per_step],
+                               window)
+        done = step + 1
+        if done % t.logging_steps == 0 or done == state.steps:
+            record = log_window(state, objective, window, done, grad_norm, trackers)
+            bar.set_postfix(postfix(record))
+            window = Window()
+        maybe_evaluate(state, done, trackers)
+        maybe_checkpoint(state, done)
+        bar.update(1)
+    bar.close()
+    trackers.close()
+
+
+def train_step(state: TrainState, objective: Objective, step_batches: list[list[int]], window: Window) -> float:
+    """One optimizer step over the global batch `step_batches`; returns the gradient norm."""
+    t, dist, rows, model = state.train, state.dist, state.rows, state.model
+    # Normalise by the weight of the whole global batch, which every rank can count.
+    weight = objective.weight([rows[i] for idx in step_batches for i in idx])
+    # prefix/prompt tuning prepend virtual tokens to each row, so their rows are never joined
+    step_tokens = None if get_method(t.method).virtual_tokens else t.step_tokens
+    micro = objective.micro_batches([[rows[i] for i in idx] for idx in step_batches[dist.rank :: dist.world]],
+                                    state.tokenizer.pad_token_id, step_tokens)
+    for k, (batch, real_tokens) in enumerate(micro):
+        batch = {key: v.to(state.device) for key, v in batch.items()}
+        with dist.no_sync(model, last=k == len(micro) - 1):
+            with state.autocast():
+                loss_sum, stats = objective.loss(model, batch, t.answer_only_logits)
+            # Backward outside autocast (PyTorch's advice). DDP averages gradients over ranks;
+            # × world turns that average into the global sum.
+            (loss_sum * dist.world / max(weight, 1)).backward()
+        window.add(stats)
+        window.tokens += real_tokens
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.params, t.max_grad_norm).item()
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    window.weight += weight
+    window.steps += 1
+    return grad_norm
+
+
+def log_window(state: TrainState, objective: Objective, window: Window, done: int, grad_norm: float,
+               trackers: Trackers) -> dict:
+    """Write one metrics line for the window ending at step `done`."""
+    dist = state.dist
+    elapsed = time.perf_counter() - window.started
+    sums = {key: dist.sum(value) for key, value in window.sums.items()}
+    record = {"step": done, **objective.record(sums, window.weight),
+              "learning_rate": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+              "tokens_per_s": dist.sum(window.tokens) / elapsed if elapsed else 0.0,
+              "epoch": done * state.per_step * state.train.per_device_train_batch_size / len(state.rows)}
+    if state.device.type == "cuda":
+        record["peak_memory_gib"] = torch.cuda.max_memory_allocated(state.device) / 2**30
+    if state.train.eval_steps is None and state.eval_rows and done == state.steps and dist.is_main:
+        record["eval_loss"] = eval_loss(state)
+    if dist.is_main:
+        append_jsonl(state.run.metrics, record)
+        trackers.log(record, done)
+    return record
+
+
+def postfix(record: dict) -> dict[str, str]:
+    """The progress bar's numbers: loss, learning rate, throughput and any preference statistics."""
+    shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['learning_rate']:.2e}",
+             "tok_s": f"{record['tokens_per_s']:.0f}"}
+    if "reward_margin" in record:
+        shown["margin"] = f"{record['reward_margin']:.3f}"
+        shown["acc"] = f"{record['reward_accuracy']:.2f}"
+    return shown
+
+
+def eval_loss(state: TrainState) -> float:
+    return evaluate(state.dist.unwrap(state.model), state.eval_rows, state.train.per_device_train_batch_size,
+                    state.tokenizer.pad_token_id, state.device, state.autocast)
+
+
+def maybe_evaluate(state: TrainState, done: int, trackers: Trackers) -> None:
+    """Held-out loss every eval_steps (and at the end) when eval_steps is set."""
+    t = state.train
+    if t.eval_steps and state.eval_rows and (done % t.eval_steps == 0 or done == state.steps) and state.dist.is_main:
+        value = eval_loss(state)
+        append_jsonl(state.run.metrics, {"step": done, "eval_loss": value})
+        trackers.log({"eval_loss": value}, done)
+
+
+def maybe_checkpoint(state: TrainState, done: int) -> None:
+    """Save checkpoint-<done> every save_steps (not at the end: the final save follows)."""
+    t = state.train
+    if done % t.save_steps == 0 and done < state.steps:
+        if state.dist.is_main:
+            save_checkpoint(state.run.checkpoints, done, state.dist.unwrap(state.model), state.optimizer,
+                            state.scheduler, {"steps": state.steps, "micro_batches_per_step": state.per_step},
+                            t.save_total_limit)
+        state.dist.barrier()
