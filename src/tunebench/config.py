@@ -95,7 +95,7 @@ class TrainConfig:
     # about the size of the decoder's frozen weights. null (auto): on for those on a GPU when the
     # frozen decoder weights are at least 1 GiB and the host has twice that free. See train/offload.py.
     offload_frozen: bool | None = None
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the GPU has it
+    precision: Literal["auto", "bf16", "fp32", "fp64"] = "auto"  # auto: bf16 where the GPU has it; fp64: exactness checks
     seed: int = 42
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
 
