@@ -113,7 +113,8 @@ class TrainConfig:
         None, help="keep the frozen base weights in pinned host memory and stream each decoder layer to the "
         "GPU one layer ahead of use (qlora/lora, gradient checkpointing, one process); null (auto): on for those "
         "on a GPU when the frozen decoder weights are at least 1 GiB and the host has twice that free")
-    precision: Literal["auto", "bf16", "fp32"] = option("auto", help="auto: bf16 where the GPU has it, else fp32")
+    precision: Literal["auto", "bf16", "fp32", "fp64"] = option(
+        "auto", help="auto: bf16 where the GPU has it, else fp32; fp64 for exactness checks on CPU")
     seed: int = option(42, range="[0, 4294967295]", help="seed of initialisation and data order")
     report_to: list[Literal["tensorboard", "wandb"]] = option(
         factory=list, help="also log metrics to these trackers (optional extras)")

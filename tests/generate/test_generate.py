@@ -32,7 +32,13 @@ def test_clean_answer_cuts_template_residue():
     assert clean_answer("  答え  ", ["### 指示"]) == ("答え", False)
 
 
-def test_batched_greedy_equals_one_at_a_time(tiny):
+def test_batched_greedy_equals_one_at_a_time(tiny_model_dir):
+    """In float64: left padding changes the summation order by ~1e-16, so greedy choices flip only on exact
+    ties, on any CPU (in float32 a near-tie among 262,144 logits can flip on one CPU and not another)."""
+    import torch
+
+    tiny = load_for_inference(str(tiny_model_dir), dtype=torch.float64)
+    assert next(tiny.model.parameters()).dtype == torch.float64
     prompts = [[{"role": "user", "content": q}] for q in ["日本の首都は？", "春の詩を書いてください。長めにお願いします。",
                                                           "1+1は？", "こんにちは、元気ですか？"]]
     batched = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(max_new_tokens=12, batch_size=4, **LIVELY))

@@ -215,8 +215,8 @@ def verify_tokenizer(tokenizer, source: Path) -> None:
     if problems:
         raise ModelError(
             f"{source}: the embedded Gemma 3 tokenizer gives other ids than Gemma's under transformers "
-            f"{transformers.__version__} ({len(problems)} fixture texts differ; {problems[0]}); delete the folder "
-            "to convert again, and report this with the transformers and tokenizers versions")
+            f"{transformers.__version__} ({len(problems)} fixture texts differ; {problems[0]}); report this with "
+            "the transformers and tokenizers versions (pip show transformers tokenizers)")
 
 
 def check_tokenizer(folder: Path):

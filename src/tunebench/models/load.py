@@ -20,6 +20,8 @@ def compute_dtype(precision: str = "auto", device: torch.device | None = None) -
     device = device or pick_device()
     if precision == "fp32":
         return torch.float32
+    if precision == "fp64":  # CPU checks that two computations agree to rounding (tests); slow on GPUs
+        return torch.float64
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if precision == "bf16" and not bf16_ok:
         raise ModelError("train.precision is bf16 but this machine has no bf16 GPU; use precision: auto")

@@ -46,6 +46,11 @@ def use_answer_only_logits(setting: bool | None, model, method: str, world: int)
     return why is None
 
 
+def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits go up to fp32 for the softmax; fp64 stays fp64 (the exactness tests run in it)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def head_loss(causal, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return head_loss_each(causal, hidden, targets, "sum")
 
@@ -60,7 +65,7 @@ def chunked_cross_entropy(causal, hidden: torch.Tensor, targets: torch.Tensor, c
         return head_loss(causal, hidden, targets)
     from torch.utils.checkpoint import checkpoint
 
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, len(hidden), chunk):
         total = total + checkpoint(head_loss, causal, hidden[start : start + chunk], targets[start : start + chunk],
                                    use_reentrant=False)
@@ -84,7 +89,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], answer_only_logits: bo
         return chunked_cross_entropy(causal, hidden[:, :-1][keep], targets[keep])
     logits = model(**inputs, use_cache=False).logits
     logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens to the logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+    return F.cross_entropy(at_least_fp32(logits[:, :-1].flatten(0, 1)), labels[:, 1:].flatten(),
                            ignore_index=IGNORE, reduction="sum")
 
 
@@ -98,7 +103,7 @@ def head_loss_each(causal, hidden: torch.Tensor, targets: torch.Tensor, reductio
     cap = getattr(causal.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits.float(), targets, reduction=reduction)
+    return F.cross_entropy(at_least_fp32(logits), targets, reduction=reduction)
 
 
 def label_logprobs(model, batch: dict[str, torch.Tensor], answer_only_logits: bool = False,
@@ -122,7 +127,7 @@ def label_logprobs(model, batch: dict[str, torch.Tensor], answer_only_logits: bo
                             use_reentrant=False) for i in range(0, len(hidden), chunk)]
         return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), where
     logits = model(**inputs, use_cache=False).logits[:, :-1][keep]
-    return -F.cross_entropy(logits.float(), targets[keep], reduction="none"), where
+    return -F.cross_entropy(at_least_fp32(logits), targets[keep], reduction="none"), where
 
 
 @torch.no_grad()
