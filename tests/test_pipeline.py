@@ -117,6 +117,7 @@ def cli_overrides(tiny_model_dir, tasks):
 
 def test_rerun_with_changed_settings_is_refused_and_failed_validation_exits_non_zero(
         tmp_path, tiny_model_dir, tasks, capsys, fake):
+    """One finished run (the slow part: train, generate, NLL), then cheap reruns against it."""
     config = tmp_path / "c.yaml"
     config.write_text("{}\n", encoding="utf-8")
     run = tmp_path / "run"

@@ -137,6 +137,8 @@ def test_published_names_use_hub_ids():
 
     assert public_model_id("embedded:gemma-3-270m") == "google/gemma-3-270m"
     assert public_model_id("llm-jp/llm-jp-3-13b") == "llm-jp/llm-jp-3-13b"
+    assert public_model_id("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    assert public_source("data/train.jsonl") == "train.jsonl"
     assert public_model_id("/home/me/.cache/tunebench/models/gemma") is None
     assert public_source("/home/me/private/train.jsonl") == "train.jsonl"
     assert public_source("megagonlabs/instruction_ja") == "megagonlabs/instruction_ja"

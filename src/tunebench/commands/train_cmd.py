@@ -40,7 +40,8 @@ def register(sub) -> None:
     push.add_argument("--repo", required=True, help="user/name on the hub")
     push.add_argument("--private", action="store_true")
     push.add_argument("--merged", action="store_true", help="push RUN/merged instead of the adapter")
-    push.add_argument("--dry-run", metavar="DIR", help="write the files that would be uploaded to DIR")
+    push.add_argument("--dry-run", metavar="DIR",
+                      help="write the files that would be uploaded to DIR (a new or empty folder outside the run)")
     push.set_defaults(func=run_push)
 
 

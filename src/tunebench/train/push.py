@@ -28,10 +28,8 @@ EMBEDDED_UPSTREAM = "google/gemma-3-270m"
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """'user/name' that is not a path on this machine (the rule data.readers applies to sources)."""
-    local = Path(name)
-    return ("/" in name and not name.startswith((".", "/", "~")) and not local.suffix
-            and not local.exists() and name.count("/") == 1)
+    """'user/name' that is not a path on this machine (model ids may hold dots: Llama-3.1-8B)."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
 def public_model_id(name: str) -> str | None:
@@ -42,8 +40,9 @@ def public_model_id(name: str) -> str | None:
 
 
 def public_source(path: str) -> str:
-    """A data source as it may be published: built-in name or hub id, else the file name only."""
-    if path.startswith("builtin:") or looks_like_hub_id(path):
+    """A data source as it may be published: built-in name or hub id, else the file name only.
+    A source with a file suffix is a file (the rule data.readers applies), never a hub id."""
+    if path.startswith("builtin:") or (looks_like_hub_id(path) and not Path(path).suffix):
         return path
     return Path(path).name
 
