@@ -59,7 +59,8 @@ def answer_stats(run: Path, answers: Path, out: Path, extra: list[str], name: st
     stdout = tunebench(["generate", str(run), "--tasks", "elyza-tasks-100", "--out", str(answers), *sets(extra)],
                        out / f"{name}-generate.log")
     hit = re.search(r"(\d+) hit max_new_tokens", stdout)
-    nll = tunebench(["eval", "nll", str(run), "--tasks", "elyza-tasks-100"], out / f"{name}-nll.log")
+    limit = ["--limit", "3"] if "generate.limit=3" in extra else []
+    nll = tunebench(["eval", "nll", str(run), "--tasks", "elyza-tasks-100", *limit], out / f"{name}-nll.log")
     rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
     from transformers import AutoTokenizer
 
