@@ -165,3 +165,30 @@ def test_defaults_guard_against_repetition_loops(tiny):
     assert kwargs["repetition_penalty"] == 1.2 and kwargs["max_new_tokens"] == 512
     assert kwargs["stop_strings"] == ["### 指示", "### 回答"] and kwargs["eos_token_id"] == [tiny.tokenizer.eos_token_id]
     assert kwargs["do_sample"] is False and kwargs["temperature"] is None
+
+
+def test_generate_into_a_run_records_the_settings_the_predictions_came_from(tmp_path, tiny_model_dir, monkeypatch):
+    """`tunebench generate RUN` replaces the run's submission; the settings file beside it follows, so the
+    next `tunebench run` compares against what really made the answers."""
+    import shutil
+
+    import yaml
+
+    from tunebench.cli import main
+    from tunebench.config import load_config
+
+    run = tmp_path / "run"
+    adapter = run / "adapter"
+    shutil.copytree(tiny_model_dir, adapter)
+    config = load_config(None, [f"model.name_or_path={tiny_model_dir}"])
+    from tunebench.config import dump_config
+
+    dump_config(config, adapter / "config.yaml")
+    (adapter / "tunebench.json").write_text(json.dumps({"base_model": str(tiny_model_dir), "method": "full",
+                                                        "template": "course"}))
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"task_id": 0, "input": "こんにちは"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert main(["generate", str(run), "--tasks", str(tasks), "--set", "generate.max_new_tokens=3"]) == 0
+    settings = json.loads((run / "predictions.settings.json").read_text())
+    assert settings["generate"]["max_new_tokens"] == 3
+    assert yaml.safe_load((adapter / "config.yaml").read_text())["generate"]["max_new_tokens"] == 512

@@ -73,6 +73,12 @@ def run_generate(args) -> int:
     trained = find_trained(Path(args.target))
     out = Path(args.out) if args.out else (trained.parent / "predictions.jsonl" if trained else Path("predictions.jsonl"))
     result = generate_answers(args.target, args.tasks or config.generate.tasks, out, config.generate, args.template)
+    if trained is not None and out.resolve() == (trained.parent / "predictions.jsonl").resolve():
+        from tunebench.pipeline import GENERATE_SECTIONS, settings_of
+        from tunebench.runs import RunDir, write_json_atomic
+
+        # the run's own submission: record what made it, as `tunebench run` does, so a rerun compares
+        write_json_atomic(RunDir(trained.parent).predictions_settings, settings_of(config, GENERATE_SECTIONS))
     speed = f", {result.new_tokens / result.seconds:.1f} new tokens/s" if result.answered and result.seconds else ""
     print(f"answered {result.answered} task(s) (reused {result.reused}) in {result.seconds:.1f}s{speed}; "
           f"{result.hit_max_tokens} hit max_new_tokens")

@@ -27,7 +27,7 @@ import threading
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from tunebench.config import JudgeConfig
+from tunebench.config import JudgeConfig, public_url
 from tunebench.errors import JudgeError
 
 GEMINI_OPENAI_URL = "https://generativelanguage.googleapis.com/v1beta/openai/"
@@ -148,7 +148,7 @@ class OpenAIBackend:
         key = read_key(key_env, base_url, required=urlsplit(base_url).hostname in PROVIDER_HOSTS.values(),
                        trust=trust)
         self.client = OpenAI(api_key=key, base_url=base_url, timeout=timeout_s, max_retries=0)
-        self.endpoint = str(self.client.base_url)  # part of the cache key: another server, another judgment
+        self.endpoint = public_url(str(self.client.base_url))  # in the cache key (never its credentials)
 
     def complete(self, prompt: str, temperature: float) -> str:
         import openai
