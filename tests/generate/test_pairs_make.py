@@ -102,8 +102,9 @@ def test_judge_mode_chooses_best_and_worst_by_a_real_http_judge(tmp_path):
             ("q1", "WANT:5 y", "WANT:2 x", [5, 2])]
         assert summary.dropped == {"tie": 1, "fewer than two scored answers": 1}
         hits = server.total()
-        # a rerun reuses answers and judgments: no generation and no new HTTP call
+        # a rerun reuses answers and scored judgments: no generation; only the two unscored answers are
+        # asked again (unscored is never final: issue 18), each with its retries
         again = make_pairs("x", str(prompts), out, "judge", GenerateConfig(), judge, samples=3, generator=Scripted())
-        assert calls == [9] and again.made == 1 and server.total() == hits
+        assert calls == [9] and again.made == 1 and server.total() - hits == 2 * (judge.max_retries + 1)
     finally:
         server.stop()
