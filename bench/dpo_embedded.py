@@ -89,15 +89,20 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     smoke = SMOKE if args.smoke else []
     sft, dpo, pairs = work / "sft", work / "dpo", work / "pairs.jsonl"
-    tunebench(["train", str(PRESETS / "quickstart.yaml"), "--run-dir", str(sft), "--set=name=sft",
-               *sets(SFT + ANSWERS + smoke)], out / "sft-train.log")
+    # A stage whose result exists is skipped, so a run cut by a time limit continues where it stopped.
+    if not (sft / "adapter" / "tunebench.json").exists():
+        tunebench(["train", str(PRESETS / "quickstart.yaml"), "--run-dir", str(sft), "--set=name=sft",
+                   *sets(SFT + ANSWERS + smoke)], out / "sft-train.log")
     limit = ["--limit", "6"] if args.smoke else []
-    tunebench(["pairs", "make", str(sft), "--prompts", "builtin:ja-instruct-megagon", "--out", str(pairs),
-               "--mode", "reference", *limit, *sets(["generate.max_new_tokens=512", "generate.batch_size=null", *smoke])],
-              out / "pairs.log")
-    tunebench(["train", str(PRESETS / "quickstart-dpo.yaml"), "--run-dir", str(dpo), "--set=name=dpo",
-               f"--set=train.init_from={sft}", f"--set=data.sources=[{{path: '{pairs}'}}]",
-               *sets(DPO + ANSWERS + smoke)], out / "dpo-train.log")
+    if not Path(f"{pairs}.summary.json").exists():
+        # megagon's answers are short (~128 characters): 256 new tokens is room enough for the rejected side
+        tunebench(["pairs", "make", str(sft), "--prompts", "builtin:ja-instruct-megagon", "--out", str(pairs),
+                   "--mode", "reference", *limit,
+                   *sets(["generate.max_new_tokens=256", "generate.batch_size=null", *smoke])], out / "pairs.log")
+    if not (dpo / "adapter" / "tunebench.json").exists():
+        tunebench(["train", str(PRESETS / "quickstart-dpo.yaml"), "--run-dir", str(dpo), "--set=name=dpo",
+                   f"--set=train.init_from={sft}", f"--set=data.sources=[{{path: '{pairs}'}}]",
+                   *sets(DPO + ANSWERS + smoke)], out / "dpo-train.log")
     summary = {"sft": answer_stats(sft, out / "sft.jsonl", out, smoke, "sft"),
                "dpo": answer_stats(dpo, out / "dpo.jsonl", out, smoke, "dpo"),
                "pairs": json.loads(Path(f"{pairs}.summary.json").read_text()),
