@@ -35,6 +35,7 @@ from tunebench.generate.engine import Generator
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20  # a chat request is text: 1 MiB is far beyond any prompt the limits accept
+DRAIN_BYTES = 16 << 20  # an oversized body is read away up to this much before the 413, then the socket closes
 ROLES = ("system", "user", "assistant")
 
 
@@ -255,12 +256,22 @@ class ChatHandler(BaseHTTPRequestHandler):
         except ValueError:
             raise RequestError("Content-Length must be an integer") from None
         if length > MAX_BODY_BYTES:
-            self.close_connection = True  # the unread body must not be parsed as the next request
+            self.close_connection = True  # the rest of the body must not be parsed as the next request
+            self.discard(min(length, DRAIN_BYTES))
             raise RequestError(f"request body of {length} bytes is over the {MAX_BODY_BYTES} byte limit", 413)
         try:
             return json.loads(self.rfile.read(length) or b"{}")
         except (ValueError, UnicodeDecodeError) as exc:
             raise RequestError(f"the request body is not valid JSON ({exc})") from None
+
+    def discard(self, length: int) -> None:
+        """Read and drop an oversized body, so the client, still sending, gets the 413 and not a reset."""
+        self.connection.settimeout(5.0)
+        try:
+            while length > 0:
+                length -= len(self.rfile.read(min(length, 1 << 16)) or b"x" * length)
+        except OSError:
+            pass
 
     def do_POST(self):  # noqa: N802
         if self.path.rstrip("/") != "/v1/chat/completions":
