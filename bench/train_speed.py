@@ -60,7 +60,7 @@ PARAMS = {"llmjp13b": 13.7e9, "gemma": 268e6}  # for MFU: 6 × parameters × tok
 def prepared_rows(seq: int, fold: bool = True) -> list[dict]:
     """The tunebench-prepared rows; for the 13B shape with ids folded into its vocabulary."""
     from tunebench.config import load_config
-    from tunebench.data.prepare import prepare, read_rows
+    from tunebench.data.prepare import prepare, read_token_rows
     from tunebench.models.tokenizer import load_tokenizer
     from tunebench.runs import RunDir
 
@@ -71,7 +71,7 @@ def prepared_rows(seq: int, fold: bool = True) -> list[dict]:
     prepare(config, run, load_tokenizer(config.model), "gemma")
     vocab = LLMJP_13B["vocab_size"] if fold else 1 << 62
     return [{"input_ids": [i % vocab for i in r["input_ids"]],
-             "completion_mask": [int(label != -100) for label in r["labels"]]} for r in read_rows(run.data_dir / "train.jsonl")]
+             "completion_mask": [int(label != -100) for label in r["labels"]]} for r in read_token_rows(run.data_dir / "train.jsonl")]
 
 
 def run_baseline(model_name: str, method: str, steps: int, seq: int) -> dict:

@@ -57,9 +57,9 @@ def test_pipeline_end_to_end_then_rerun_skips(tmp_path, tiny_model_dir, tasks, f
 @pytest.mark.parametrize("stage", ["train", "generate", "judge", "nll"])
 def test_run_resumes_after_interruption_at_each_stage(tmp_path, tiny_model_dir, tasks, fake, monkeypatch, stage):
     import tunebench.generate.engine as engine
-    import tunebench.judge.nll as nll
     import tunebench.judge.runner as runner
     import tunebench.train.checkpoint as checkpoint
+    import tunebench.train.nll as nll
 
     real = {"train": checkpoint.write_state, "generate": engine.Generator.generate_batch,
             "judge": runner.JudgeRunner.judge_one, "nll": nll.reference_nll}

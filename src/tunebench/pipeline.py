@@ -90,8 +90,8 @@ def run_pipeline(config: Config, run: RunDir, allow_contamination: bool = False)
         result.nll = json.loads(nll_path.read_text(encoding="utf-8"))["nll"]
         result.stages["nll"] = "skipped (exists)"
     else:
-        from tunebench.judge.nll import reference_nll
         from tunebench.models.trained import load_for_inference
+        from tunebench.train.nll import reference_nll
 
         loaded = load_for_inference(str(run.root))
         nll = reference_nll(loaded.model, loaded.tokenizer, loaded.template or config.data.template,

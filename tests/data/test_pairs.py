@@ -7,7 +7,7 @@ import pytest
 from tunebench.config import load_config
 from tunebench.data.pairs import encode_pair, row_to_pair
 from tunebench.data.prepare import collect_pairs, prepare_pairs
-from tunebench.data.readers import read_rows
+from tunebench.data.readers import read_raw_rows
 from tunebench.data.tokens import IGNORE, encode_prompt, special_prefix
 from tunebench.errors import DataError
 from tunebench.runs import RunDir
@@ -20,7 +20,7 @@ def write_jsonl(path, rows):
 
 
 def pairs_and_problems(path):
-    rows, problems = read_rows(str(path))
+    rows, problems = read_raw_rows(str(path))
     pairs = [p for p in (row_to_pair(row, problems) for row in rows) if p is not None]
     return pairs, [str(p) for p in problems]
 

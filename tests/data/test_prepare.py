@@ -4,7 +4,7 @@ import pytest
 
 from tunebench.config import load_config
 from tunebench.data.contamination import build_eval_index, find_contamination
-from tunebench.data.prepare import prepare, read_rows
+from tunebench.data.prepare import prepare, read_token_rows
 from tunebench.data.readers import read_source
 from tunebench.errors import DataError
 from tunebench.runs import RunDir
@@ -66,7 +66,7 @@ def test_prepare_summary_counts_everything_and_strict_fails(tmp_path, tokenizer)
     summary = prepare(config_for(tmp_path, src), run, tokenizer, "gemma")
     assert (summary.read, summary.kept, summary.truncated) == (5, 2, 1)
     assert summary.dropped == {"duplicate": 2, "empty": 1}
-    rows = read_rows(run.data_dir / "train.jsonl")
+    rows = read_token_rows(run.data_dir / "train.jsonl")
     assert len(rows) == 2 and max(len(r["input_ids"]) for r in rows) == 64
     with pytest.raises(DataError, match=r"(?s)3 bad record\(s\) \(--strict\).*t\.jsonl:2: exact duplicate of .*t\.jsonl:1"):
         prepare(config_for(tmp_path, src), RunDir(tmp_path / "strict"), tokenizer, "gemma", strict=True)
@@ -84,7 +84,7 @@ def test_prepare_packs_mixes_weights_and_splits_eval(tmp_path, tokenizer):
     run = RunDir(tmp_path / "run")
     summary = prepare(config, run, tokenizer, "gemma")
     assert summary.kept == 25 and summary.eval_rows == 5  # 10×2 + 10×0.5
-    train = read_rows(run.data_dir / "train.jsonl")
+    train = read_token_rows(run.data_dir / "train.jsonl")
     assert summary.train_rows == len(train) < 20 and all("position_ids" in r for r in train)
     assert all(len(r["input_ids"]) <= 128 for r in train)
     assert sum(r["position_ids"].count(0) for r in train) == 20

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tunebench.cli import main
-from tunebench.judge.nll import reference_nll
 from tunebench.models.trained import load_for_inference
+from tunebench.train.nll import reference_nll
 
 
 def test_reference_nll_equals_cross_entropy_of_answer_tokens(tmp_path, tiny_model_dir):

@@ -101,7 +101,7 @@ def test_a_few_steps_raise_the_reward_margin(tmp_path, tiny_model_dir, toy_pairs
 
 
 def test_dpo_from_an_sft_run_caches_the_sft_models_reference_log_probs(tmp_path, sft_run, toy_pairs):
-    from tunebench.data.prepare import read_rows
+    from tunebench.data.prepare import read_token_rows
     from tunebench.models.trained import load_for_inference
     from tunebench.train.preference import compute_reference
 
@@ -109,7 +109,7 @@ def test_dpo_from_an_sft_run_caches_the_sft_models_reference_log_probs(tmp_path,
     out = train(pair_config(sft_run.root, toy_pairs, "train.max_steps=2", "train.step_tokens=null"), run)
     cached = json.loads((run.data_dir / "reference_logps.json").read_text())["logps"]
     loaded = load_for_inference(str(sft_run.root), dtype=torch.float32)  # the SFT model itself
-    rows = read_rows(run.data_dir / "train.jsonl")
+    rows = read_token_rows(run.data_dir / "train.jsonl")
     again = compute_reference(loaded.model, rows, 2, loaded.tokenizer.pad_token_id, None, torch.device("cpu"),
                               contextlib.nullcontext, False)
     assert torch.tensor(cached) == pytest.approx(torch.tensor(again), rel=1e-4, abs=1e-4)

@@ -161,8 +161,8 @@ def run_judge(args) -> int:
 
 
 def run_nll(args) -> int:
-    from tunebench.judge.nll import reference_nll
     from tunebench.models.trained import load_for_inference, pick_template
+    from tunebench.train.nll import reference_nll
 
     loaded = load_for_inference(args.target)
     template = pick_template(loaded.template, args.template, loaded.tokenizer)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from tunebench.data.contamination import build_eval_index, find_contamination
 from tunebench.data.dedup import drop_duplicates
 from tunebench.data.pairs import encode_response, is_pair_row, row_to_pair
-from tunebench.data.readers import read_rows, read_source
+from tunebench.data.readers import read_raw_rows, read_source
 from tunebench.data.records import Example, Problem
 from tunebench.data.templates import render_segments
 from tunebench.data.tokens import IGNORE, encode_segments, special_prefix
@@ -35,7 +35,7 @@ def inspect_source(path: str, fmt: str, template: str, max_len: int, tokenizer=N
     """Read and measure one source; tokenizer=None measures characters instead of tokens.
     Preference pairs ({prompt, chosen, rejected} and the other pair shapes) are recognised."""
     if fmt == "auto":
-        rows, bad = read_rows(path)
+        rows, bad = read_raw_rows(path)
         if rows and sum(is_pair_row(r.data) for r in rows[:200]) * 2 > min(len(rows), 200):
             return inspect_pairs(path, rows, bad, template, max_len, tokenizer, task_sets, n_samples)
     result = read_source(path, fmt)

@@ -203,7 +203,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_token_rows(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
@@ -211,7 +211,7 @@ def read_rows(path: Path) -> list[dict]:
 def collect_pairs(data: DataConfig, allow_contamination: bool) -> tuple[list, list[Problem], dict[str, str], int]:
     """Read and validate every pair source; returns pairs (mixed and shuffled), problems, formats, rows read."""
     from tunebench.data.pairs import row_to_pair
-    from tunebench.data.readers import read_rows as read_raw_rows
+    from tunebench.data.readers import read_raw_rows
 
     if not data.sources:
         raise DataError("data.sources is empty: add a file of preference pairs {prompt, chosen, rejected}")

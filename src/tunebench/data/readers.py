@@ -24,7 +24,7 @@ BUILTIN_SOURCES = {"ja-instruct-megagon": BUILTIN_DIR / "ja-instruct-megagon.jso
 
 def read_source(path: str, fmt: str = "auto", split: str = "train") -> ReadResult:
     """Read every row of a source, detect its format and convert rows to examples."""
-    rows, problems = read_rows(path, split)
+    rows, problems = read_raw_rows(path, split)
     if fmt == "auto":
         fmt = detect_format(rows, path)
     result = ReadResult(format=fmt, problems=problems, rows_read=len(rows) + len(problems))
@@ -36,13 +36,13 @@ def read_source(path: str, fmt: str = "auto", split: str = "train") -> ReadResul
     return result
 
 
-def read_rows(path: str, split: str = "train") -> tuple[list[RawRow], list[Problem]]:
+def read_raw_rows(path: str, split: str = "train") -> tuple[list[RawRow], list[Problem]]:
     """Load raw rows with their origins; malformed lines become problems, not exceptions."""
     if path.startswith("builtin:"):
         name = path.removeprefix("builtin:")
         if name not in BUILTIN_SOURCES:
             raise DataError(f"{path}: unknown built-in data set (have: {', '.join(BUILTIN_SOURCES)})")
-        return read_jsonl(BUILTIN_SOURCES[name], label=path)
+        return read_jsonl_rows(BUILTIN_SOURCES[name], label=path)
     local = Path(path)
     if local.is_dir():
         return read_dataset_dir(local, split), []
@@ -64,7 +64,7 @@ def read_json_or_jsonl(path: Path) -> tuple[list[RawRow], list[Problem]]:
     head = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if head == b"[":
         return read_json_array(path, raw), []
-    return read_jsonl(path)
+    return read_jsonl_rows(path)
 
 
 def read_json_array(path: Path, raw: bytes) -> list[RawRow]:
@@ -84,7 +84,7 @@ def read_json_array(path: Path, raw: bytes) -> list[RawRow]:
     return rows
 
 
-def read_jsonl(path: Path, label: str | None = None) -> tuple[list[RawRow], list[Problem]]:
+def read_jsonl_rows(path: Path, label: str | None = None) -> tuple[list[RawRow], list[Problem]]:
     """JSONL read line by line as bytes, so one bad line (encoding or JSON) names its line number."""
     rows: list[RawRow] = []
     problems: list[Problem] = []

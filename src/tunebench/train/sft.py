@@ -28,7 +28,7 @@ from tunebench import __version__
 from tunebench.config import Config
 from tunebench.config_checks import check_config
 from tunebench.data.batches import join_examples, pad_batch
-from tunebench.data.prepare import Summary, prepare, prepare_pairs, read_rows
+from tunebench.data.prepare import Summary, prepare, prepare_pairs, read_token_rows
 from tunebench.errors import DataError
 from tunebench.models.load import compute_dtype, pick_device
 from tunebench.models.tokenizer import load_tokenizer
@@ -142,12 +142,12 @@ def setup(start: StartPoint, run: RunDir, resume: bool, allow_contamination: boo
     prepare_fn = prepare if config.train.objective == "sft" else prepare_pairs
     summary = prepare_once(config, run, dist, lambda: prepare_fn(config, run, tokenizer, tokenizer_name,
                                                                  allow_contamination=allow_contamination), prepared)
-    rows = read_rows(run.data_dir / "train.jsonl")
+    rows = read_token_rows(run.data_dir / "train.jsonl")
     if not rows:
         raise DataError("the prepared training set is empty")
     model, t = load_model(config, dist, device, dtype, start.adapter)
     state = TrainState(config=config, train=t, run=run, dist=dist, device=device, autocast=autocast_for(dtype),
-                       tokenizer=tokenizer, rows=rows, eval_rows=read_rows(run.data_dir / "eval.jsonl"),
+                       tokenizer=tokenizer, rows=rows, eval_rows=read_token_rows(run.data_dir / "eval.jsonl"),
                        data_fingerprint=summary.fingerprint, model=model, base_model=start.base_model)
     state.steps = total_steps(config, len(rows), dist.world)
     if t.objective == "dpo":
