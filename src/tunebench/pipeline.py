@@ -23,7 +23,7 @@ import yaml
 
 from tunebench.config import Config, to_dict
 from tunebench.errors import ConfigError
-from tunebench.runs import RunDir, write_json_atomic
+from tunebench.runs import CONFIG, NLL, RunDir, partial_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,41 @@ class PipelineResult:
 
 
 def run_pipeline(config: Config, run: RunDir, allow_contamination: bool = False) -> PipelineResult:
-    from tunebench.data.prepare import prepare
-    from tunebench.generate.answers import generate_answers
-    from tunebench.models.tokenizer import load_tokenizer
-    from tunebench.train.sft import train
-
     result = PipelineResult(run)
     refuse_changed_settings(config, run)
     run.save_config(config)
+    config = data_stage(config, run, allow_contamination, result)
+    model = TrainedModel(run)  # loaded at most once, for generate and the reference NLL together
+    generate_stage(config, run, model, result)
+    judge_stage(config, run, result)
+    nll_stage(config, run, model, result)
+    from tunebench.report.build import write_report
 
-    # 1. data (the fingerprint makes this a no-op when nothing changed)
+    write_report([run.root], run.root)
+    result.stages["report"] = "done"
+    return result
+
+
+class TrainedModel:
+    """The run's trained model for inference, loaded on first use and then shared."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.loaded = run, None
+
+    def get(self):
+        if self.loaded is None:
+            from tunebench.models.trained import load_for_inference
+
+            self.loaded = load_for_inference(str(self.run.root))
+        return self.loaded
+
+
+def data_stage(config: Config, run: RunDir, allow_contamination: bool, result: PipelineResult) -> Config:
+    """Prepare the data (a no-op when its fingerprint is unchanged), then train or resume training."""
+    from tunebench.data.prepare import prepare
+    from tunebench.models.tokenizer import load_tokenizer
+    from tunebench.train.sft import train
+
     tokenizer = load_tokenizer(config.model)
     if config.train.objective != "sft":  # preference pairs, rendered with the template of the run started from
         from tunebench.data.prepare import prepare_pairs as prepare
@@ -56,56 +81,56 @@ def run_pipeline(config: Config, run: RunDir, allow_contamination: bool = False)
     summary = prepare(config, run, tokenizer, config.model.tokenizer or config.model.name_or_path,
                       allow_contamination=allow_contamination)
     result.stages["data"] = "done"
-
-    # 2. train (resumes from the last checkpoint after a crash)
     if run.trained_model() is not None:
         result.stages["train"] = "skipped (already trained)"
     else:
         resume = (run.checkpoints).exists()
         train(config, run, resume=resume, allow_contamination=allow_contamination, prepared=summary)
         result.stages["train"] = "resumed" if resume else "done"
+    return config
 
-    # 3–4. generate + validate (skips answered tasks; validation runs at its end)
-    if run.predictions.exists() and not run.predictions.with_name("predictions.jsonl.partial").exists():
+
+def generate_stage(config: Config, run: RunDir, model: TrainedModel, result: PipelineResult) -> None:
+    """Answer the tasks (skipping answered ones), then validate the submission."""
+    from tunebench.generate.answers import generate_answers
+
+    if run.predictions.exists() and not partial_path(run.predictions).exists():
         result.stages["generate"] = "skipped (predictions exist)"
     else:
-        generate_answers(str(run.root), config.generate.tasks, run.predictions, config.generate)
+        loaded = model.get() if config.generate.backend == "transformers" else None
+        generate_answers(str(run.root), config.generate.tasks, run.predictions, config.generate, loaded=loaded)
         write_json_atomic(run.predictions_settings, settings_of(config, GENERATE_SECTIONS))
         result.stages["generate"] = "done"
     result.stages["validate"] = write_validation(run, config)
 
-    # 5. judge (only when configured; its cache makes a rerun free)
-    if config.judge.judge:
-        from tunebench.judge.score import judge_predictions
 
-        report = judge_predictions(run.predictions, config.generate.tasks, config.judge)
-        result.judge_mean = report.data["mean"]
-        result.stages["judge"] = f"mean {report.data['mean']}" if report.data["scored"] else "no scores"
-    else:
+def judge_stage(config: Config, run: RunDir, result: PipelineResult) -> None:
+    """Judge when a judge is configured; its cache makes a rerun free."""
+    if not config.judge.judge:
         result.stages["judge"] = "skipped (no judge configured)"
+        return
+    from tunebench.judge.score import judge_predictions
 
-    # 6. reference NLL: the API-free signal, always reported
-    nll_path = run.root / "nll.json"
+    report = judge_predictions(run.predictions, config.generate.tasks, config.judge)
+    result.judge_mean = report.data["mean"]
+    result.stages["judge"] = f"mean {report.data['mean']}" if report.data["scored"] else "no scores"
+
+
+def nll_stage(config: Config, run: RunDir, model: TrainedModel, result: PipelineResult) -> None:
+    """The reference-answer NLL: the API-free signal, always reported."""
+    nll_path = run.nll
     if nll_path.exists():
         result.nll = json.loads(nll_path.read_text(encoding="utf-8"))["nll"]
         result.stages["nll"] = "skipped (exists)"
-    else:
-        from tunebench.models.trained import load_for_inference
-        from tunebench.train.nll import reference_nll
+        return
+    from tunebench.train.nll import reference_nll
 
-        loaded = load_for_inference(str(run.root))
-        nll = reference_nll(loaded.model, loaded.tokenizer, loaded.template or config.data.template,
-                            limit=config.generate.limit)  # a quick run stays quick (100 tasks: 11 min on CPU)
-        write_json_atomic(nll_path, {**nll, "made_with": settings_of(config, TRAIN_SECTIONS)})
-        result.nll = nll["nll"]
-        result.stages["nll"] = "done"
-
-    # 7. report
-    from tunebench.report.build import write_report
-
-    write_report([run.root], run.root)
-    result.stages["report"] = "done"
-    return result
+    loaded = model.get()
+    nll = reference_nll(loaded.model, loaded.tokenizer, loaded.template or config.data.template,
+                        limit=config.generate.limit)  # a quick run stays quick (100 tasks: 11 min on CPU)
+    write_json_atomic(nll_path, {**nll, "made_with": settings_of(config, TRAIN_SECTIONS)})
+    result.nll = nll["nll"]
+    result.stages["nll"] = "done"
 
 
 # Sections a trained model and its predictions depend on, and keys inside them that change neither.
@@ -146,19 +171,19 @@ def read_settings(path: Path) -> dict[str, Any] | None:
     if path.suffix != ".json":
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     data = json.loads(path.read_text(encoding="utf-8"))
-    return data.get("made_with") if path.name == "nll.json" else data
+    return data.get("made_with") if path.name == NLL else data
 
 
 def refuse_changed_settings(config: Config, run: RunDir) -> None:
     """Stop when a finished (or half-finished) artefact was made with settings this config changes."""
     trained = run.trained_model()
-    partial = run.predictions.with_name("predictions.jsonl.partial")
-    nll_path = run.root / "nll.json"
+    partial = partial_path(run.predictions)
+    nll_path = run.nll
     # (artefact or None where absent, the settings it was made from, the sections it depends on);
     # the run's last config stands in for artefacts written before they kept their own.
     last = read_settings(run.config_file)
     artefacts = [
-        (trained, read_settings(trained / "config.yaml") if trained else None, TRAIN_SECTIONS),
+        (trained, read_settings(trained / CONFIG) if trained else None, TRAIN_SECTIONS),
         (run.checkpoints if trained is None and run.checkpoints.exists() else None, last, TRAIN_SECTIONS),
         (run.predictions if run.predictions.exists() else partial if partial.exists() else None,
          read_settings(run.predictions_settings) or last, GENERATE_SECTIONS),

@@ -28,6 +28,22 @@ from tunebench.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 RUNS_FOLDER = Path("runs")
 
+# Every file name of a run folder, spelled here and nowhere else.
+CONFIG = "config.yaml"
+DATA_DIR, DATA_SUMMARY = "data", "summary.json"
+CHECKPOINTS, ADAPTER, FULL_MODEL, MERGED = "checkpoints", "adapter", "model", "merged"
+TRAINED_META = "tunebench.json"  # beside a trained adapter or model: base, method, template, fingerprints
+METRICS = "metrics.jsonl"
+PREDICTIONS, PREDICTIONS_SETTINGS = "predictions.jsonl", "predictions.settings.json"
+VALIDATION = "validation.json"
+JUDGMENTS, SCORES, NLL = "judgments.jsonl", "scores.json", "nll.json"
+REPORT_HTML, REPORT_MD = "report.html", "report.md"
+
+
+def partial_path(out: Path) -> Path:
+    """Where answers are appended while `out` is being generated."""
+    return out.with_name(out.name + ".partial")
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -43,47 +59,59 @@ class RunDir:
 
     @property
     def config_file(self) -> Path:
-        return self.root / "config.yaml"
+        return self.root / CONFIG
 
     @property
     def data_dir(self) -> Path:
-        return self.root / "data"
+        return self.root / DATA_DIR
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / CHECKPOINTS
 
     @property
     def adapter(self) -> Path:
-        return self.root / "adapter"
+        return self.root / ADAPTER
 
     @property
     def full_model(self) -> Path:
-        return self.root / "model"
+        return self.root / FULL_MODEL
 
     @property
     def merged(self) -> Path:
-        return self.root / "merged"
+        return self.root / MERGED
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
+        return self.root / METRICS
 
     @property
     def predictions(self) -> Path:
-        return self.root / "predictions.jsonl"
+        return self.root / PREDICTIONS
 
     @property
     def predictions_settings(self) -> Path:
-        return self.root / "predictions.settings.json"
+        return self.root / PREDICTIONS_SETTINGS
+
+    @property
+    def validation(self) -> Path:
+        return self.root / VALIDATION
+
+    @property
+    def nll(self) -> Path:
+        return self.root / NLL
+
+    @property
+    def data_summary(self) -> Path:
+        return self.data_dir / DATA_SUMMARY
 
     @property
     def judgments(self) -> Path:
-        return self.root / "judgments.jsonl"
+        return self.root / JUDGMENTS
 
     @property
     def scores(self) -> Path:
-        return self.root / "scores.json"
+        return self.root / SCORES
 
     def save_config(self, config: Config) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -92,7 +120,7 @@ class RunDir:
     def trained_model(self) -> Path | None:
         """The final adapter or full model, if training finished."""
         for path in (self.adapter, self.full_model):
-            if (path / "tunebench.json").exists():
+            if (path / TRAINED_META).exists():
                 return path
         return None
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from tunebench.commands.options import add_overrides_arg
 from tunebench.config import load_config
 from tunebench.errors import ConfigError
+from tunebench.runs import CONFIG
 
 COMPARE_EPILOG = """examples:
   tunebench compare runs/try1 runs/try2 --judge gemini:gemini-2.5-flash
@@ -49,7 +50,7 @@ def run_compare(args) -> int:
     from tunebench.report.build import write_report
 
     run_a, run_b = Path(args.run_a), Path(args.run_b)
-    own_config = (run_a if run_a.is_dir() else run_a.parent) / "config.yaml"
+    own_config = (run_a if run_a.is_dir() else run_a.parent) / CONFIG
     config = load_config(args.config or (str(own_config) if own_config.exists() else None), args.overrides)
     j = config.judge
     for field, value in (("base_url", args.base_url), ("api_key_env", args.api_key_env),

@@ -11,6 +11,7 @@ from tunebench.commands.options import add_overrides_arg
 from tunebench.config import load_config
 from tunebench.data.templates import TEMPLATE_NAMES
 from tunebench.errors import ConfigError
+from tunebench.runs import CONFIG, PREDICTIONS
 
 
 def register(sub) -> None:
@@ -60,8 +61,8 @@ def settings_for(target: str, config_path: str | None, overrides: list[str]):
 
     if config_path is None:
         trained = find_trained(Path(target))
-        if trained is not None and (trained / "config.yaml").exists():
-            config_path = str(trained / "config.yaml")
+        if trained is not None and (trained / CONFIG).exists():
+            config_path = str(trained / CONFIG)
     return load_config(config_path, overrides)
 
 
@@ -71,9 +72,9 @@ def run_generate(args) -> int:
 
     config = settings_for(args.target, args.config, args.overrides)
     trained = find_trained(Path(args.target))
-    out = Path(args.out) if args.out else (trained.parent / "predictions.jsonl" if trained else Path("predictions.jsonl"))
+    out = Path(args.out) if args.out else (trained.parent / PREDICTIONS if trained else Path("predictions.jsonl"))
     result = generate_answers(args.target, args.tasks or config.generate.tasks, out, config.generate, args.template)
-    if trained is not None and out.resolve() == (trained.parent / "predictions.jsonl").resolve():
+    if trained is not None and out.resolve() == (trained.parent / PREDICTIONS).resolve():
         from tunebench.pipeline import GENERATE_SECTIONS, settings_of
         from tunebench.runs import RunDir, write_json_atomic
 

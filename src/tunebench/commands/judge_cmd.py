@@ -12,6 +12,7 @@ from tunebench.commands.options import add_overrides_arg
 from tunebench.config import JudgeConfig, key_help, load_config
 from tunebench.data.templates import TEMPLATE_NAMES
 from tunebench.errors import ConfigError
+from tunebench.runs import CONFIG, PREDICTIONS
 
 JUDGE_EPILOG = """examples:
   GEMINI_API_KEY=... tunebench judge runs/quickstart/predictions.jsonl --judge gemini:gemini-2.5-flash
@@ -130,10 +131,10 @@ def run_judge(args) -> int:
 
     path = Path(args.predictions)
     if path.is_dir():
-        path = path / "predictions.jsonl"
+        path = path / PREDICTIONS
     if not path.exists():
         raise ConfigError(f"{path}: no predictions file; run `tunebench generate` first")
-    config = judge_settings(args, path.parent / "config.yaml")
+    config = judge_settings(args, path.parent / CONFIG)
     if len(args.judge) > 1:
         from tunebench.judge.backends import parse_judge_spec
         from tunebench.judge.panel import format_panel, judge_panel

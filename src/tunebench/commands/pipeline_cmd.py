@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tunebench.commands.options import add_config_args, add_overrides_arg
 from tunebench.config import load_config
+from tunebench.runs import CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def run_report(args) -> int:
 
     roots = [Path(r) for r in args.runs]
     for root in roots:
-        if not (root / "config.yaml").exists():
+        if not (root / CONFIG).exists():
             from tunebench.errors import ConfigError
 
             raise ConfigError(f"{root}: not a run directory (no config.yaml)")

@@ -23,7 +23,7 @@ from tunebench.data.records import Example, Problem
 from tunebench.data.templates import render_segments
 from tunebench.data.tokens import Encoded, encode_segments, fit_length, special_prefix
 from tunebench.errors import DataError
-from tunebench.runs import RunDir, write_json_atomic
+from tunebench.runs import DATA_SUMMARY, RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def prepare(config: Config, run: RunDir, tokenizer, tokenizer_name: str, strict:
     """Run the data stage and write its outputs (skipped when already done for the same inputs)."""
     data = config.data
     fp = fingerprint(config, tokenizer_name)
-    summary_path = run.data_dir / "summary.json"
+    summary_path = run.data_dir / DATA_SUMMARY
     if summary_path.exists():
         previous = json.loads(summary_path.read_text(encoding="utf-8"))
         if previous.get("fingerprint") == fp:
@@ -238,7 +238,7 @@ def prepare_pairs(config: Config, run: RunDir, tokenizer, tokenizer_name: str, a
 
     data = config.data
     fp = fingerprint(config, tokenizer_name + ":pairs")
-    summary_path = run.data_dir / "summary.json"
+    summary_path = run.data_dir / DATA_SUMMARY
     if summary_path.exists() and json.loads(summary_path.read_text(encoding="utf-8")).get("fingerprint") == fp:
         return Summary(**json.loads(summary_path.read_text(encoding="utf-8")))
     pairs, problems, formats, read = collect_pairs(data, allow_contamination)

@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from tunebench.config import GenerateConfig, ModelConfig
 from tunebench.errors import ConfigError
-from tunebench.generate.engine import Generator
+from tunebench.generate.engine import GenerationBackend, Generator
 from tunebench.generate.validate import validate_and_record
-from tunebench.models.trained import pick_template
-from tunebench.runs import append_jsonl, read_jsonl
+from tunebench.models.trained import LoadedModel, pick_template
+from tunebench.runs import append_jsonl, partial_path, read_jsonl
 from tunebench.tasksets import load_tasks
 
 log = logging.getLogger(__name__)
@@ -45,17 +45,20 @@ def read_partial(path: Path, inputs: dict) -> dict:
 
 
 def generate_answers(target: str, tasks_name: str, out: Path, config: GenerateConfig,
-                     template: str | None = None, model_config: ModelConfig | None = None) -> GenerateResult:
+                     template: str | None = None, model_config: ModelConfig | None = None,
+                     loaded: LoadedModel | None = None) -> GenerateResult:
+    """Answer the tasks into `out` (resumable); `loaded`: the target already loaded (the pipeline
+    shares one load between generate and the reference NLL)."""
     tasks = load_tasks(tasks_name)
     if config.limit is not None:
         tasks = tasks[: config.limit]
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_path(out)
     done = read_partial(partial, {t.task_id: t.input for t in tasks})
     todo = [t for t in tasks if t.task_id not in done]
     start = time.perf_counter()
     new_tokens = hit_max = 0
     if todo:
-        generator = build_generator(target, config, template, model_config)
+        generator = build_generator(target, config, template, model_config, loaded)
         out.parent.mkdir(parents=True, exist_ok=True)
         with tqdm(total=len(tasks), initial=len(done), desc="generate", unit="task", dynamic_ncols=True) as bar:
             def save(answer):
@@ -81,12 +84,13 @@ def generate_answers(target: str, tasks_name: str, out: Path, config: GenerateCo
     return GenerateResult(out, len(todo), len(tasks) - len(todo), time.perf_counter() - start, new_tokens, hit_max)
 
 
-def build_generator(target: str, config: GenerateConfig, template: str | None, model_config: ModelConfig | None):
+def build_generator(target: str, config: GenerateConfig, template: str | None, model_config: ModelConfig | None,
+                    loaded: LoadedModel | None = None) -> GenerationBackend:
     if config.backend == "vllm":
         from tunebench.generate.vllm_backend import VllmGenerator
 
         return VllmGenerator(target, config, template)
     from tunebench.models.trained import load_for_inference
 
-    loaded = load_for_inference(target, model_config=model_config)
+    loaded = loaded or load_for_inference(target, model_config=model_config)
     return Generator(loaded.model, loaded.tokenizer, pick_template(loaded.template, template, loaded.tokenizer), config)

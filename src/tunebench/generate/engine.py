@@ -8,7 +8,7 @@ with an attention mask, so greedy batched outputs equal one-at-a-time outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -25,6 +25,13 @@ class Answer:
     text: str
     new_tokens: int
     stopped: bool  # ended by EOS or a stop string (not by max_new_tokens)
+
+
+class GenerationBackend(Protocol):
+    """What generate, pairs make and serve need of a generator (transformers' Generator, vLLM's)."""
+
+    def generate(self, items: list[list[dict[str, str]]], on_answer: Callable[[Answer], None] | None = None,
+                 progress=None) -> list[Answer]: ...
 
 
 def stop_strings_for(config: GenerateConfig, template: str) -> list[str]:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunebench.runs import write_json_atomic
+from tunebench.runs import VALIDATION, write_json_atomic
 from tunebench.tasksets import Task
 
 
@@ -98,6 +98,6 @@ def validate_predictions(path: Path, tasks: list[Task], require_all: bool = True
 def validate_and_record(path: Path, tasks: list[Task]) -> list[Issue]:
     """Validate and write the result beside the predictions (validation.json, which reports show)."""
     issues = validate_predictions(path, tasks)
-    write_json_atomic(path.parent / "validation.json",
+    write_json_atomic(path.parent / VALIDATION,
                       {"file": path.name, "ok": not issues, "tasks": len(tasks), "issues": [str(i) for i in issues]})
     return issues

@@ -12,6 +12,7 @@ from pathlib import Path
 from tunebench.config import GenerateConfig
 from tunebench.errors import ModelError
 from tunebench.generate.engine import Answer, clean_answer, stop_strings_for
+from tunebench.runs import TRAINED_META
 from tunebench.train.methods import get_method
 
 
@@ -30,7 +31,7 @@ class VllmGenerator:
         base = target
         run_template = None
         if trained is not None:
-            meta = json.loads((trained / "tunebench.json").read_text(encoding="utf-8"))
+            meta = json.loads((trained / TRAINED_META).read_text(encoding="utf-8"))
             run_template = meta.get("template")
             if (trained / "adapter_config.json").exists():
                 if not get_method(meta["method"]).lora:

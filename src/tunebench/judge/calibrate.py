@@ -18,7 +18,7 @@ from tunebench.judge.backends import JudgeBackend, make_backend
 from tunebench.judge.rubric import load_rubric
 from tunebench.judge.runner import Item, JudgeRunner
 from tunebench.judge.stats import agreement
-from tunebench.runs import write_json_atomic
+from tunebench.runs import JUDGMENTS, write_json_atomic
 from tunebench.tasksets import BUILTIN_DIR, load_tasks
 
 SHIPPED_DIR = BUILTIN_DIR / "judge-calibration"
@@ -70,7 +70,7 @@ def calibrate(config: JudgeConfig, n: int, out_dir: Path, data_dir: str | None =
     items = [Item(i, tasks[r["task_id"]].input, r["output"], tasks[r["task_id"]].reference,
                   tasks[r["task_id"]].eval_aspect) for i, r in enumerate(sample)]
     backend = backend or make_backend(config)
-    runner = JudgeRunner(backend, load_rubric(config.prompt_file, True), out_dir / "judgments.jsonl",
+    runner = JudgeRunner(backend, load_rubric(config.prompt_file, True), out_dir / JUDGMENTS,
                          samples=1, temperature=config.temperature, concurrency=config.concurrency,
                          requests_per_minute=config.requests_per_minute, max_retries=config.max_retries,
                          backoff_s=config.backoff_s, max_wait_s=config.max_wait_s)

@@ -19,14 +19,14 @@ from tunebench.judge.backends import JudgeBackend, make_backend
 from tunebench.judge.pairwise import Pair, answer_facts, judge_pairs, summarize
 from tunebench.judge.panel import majority, panel_configs, verdict_agreement
 from tunebench.judge.score import build_items, read_predictions
-from tunebench.runs import write_json_atomic
+from tunebench.runs import CONFIG, PREDICTIONS, write_json_atomic
 from tunebench.tasksets import load_tasks
 
 log = logging.getLogger(__name__)
 
 
 def predictions_path(run_or_predictions: Path) -> Path:
-    path = run_or_predictions / "predictions.jsonl" if run_or_predictions.is_dir() else run_or_predictions
+    path = run_or_predictions / PREDICTIONS if run_or_predictions.is_dir() else run_or_predictions
     if not path.exists():
         raise DataError(f"{path}: no predictions file; run `tunebench generate` first")
     return path
@@ -35,7 +35,7 @@ def predictions_path(run_or_predictions: Path) -> Path:
 def side_name(run_or_predictions: Path) -> str:
     """The run's name as `tunebench report` shows it: config.yaml's `name`, else the folder's."""
     folder = run_or_predictions if run_or_predictions.is_dir() else run_or_predictions.parent
-    config = folder / "config.yaml"
+    config = folder / CONFIG
     if config.exists():
         name = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("name")
         if name:

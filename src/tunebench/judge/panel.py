@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tunebench.config import JudgeConfig
 from tunebench.judge.stats import agreement, bootstrap_ci
-from tunebench.runs import write_json_atomic
+from tunebench.runs import SCORES, write_json_atomic
 
 
 def panel_configs(config: JudgeConfig, specs: list[str]) -> list[JudgeConfig]:
@@ -85,7 +85,7 @@ def judge_panel(predictions: Path, tasks_name: str, config: JudgeConfig, specs: 
                                  backends[i] if backends else None, progress).data
                for i, judge_config in enumerate(panel_configs(config, specs))]
     combined = panel_scores(reports)
-    write_json_atomic(out_dir / "scores.json", combined)
+    write_json_atomic(out_dir / SCORES, combined)
     return ScoreReport(combined)
 
 

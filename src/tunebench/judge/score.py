@@ -16,7 +16,7 @@ from tunebench.judge.length import length_stats
 from tunebench.judge.rubric import load_rubric
 from tunebench.judge.runner import Item, JudgeRunner
 from tunebench.judge.stats import bootstrap_ci
-from tunebench.runs import write_json_atomic
+from tunebench.runs import JUDGMENTS, SCORES, write_json_atomic
 from tunebench.tasksets import Task, load_tasks, read_records
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def judge_predictions(predictions: Path, tasks_name: str, config: JudgeConfig, o
     rubric = load_rubric(config.prompt_file, has_reference)
     backend = backend or make_backend(config)
     out_dir = out_dir or predictions.parent
-    runner = JudgeRunner(backend, rubric, out_dir / "judgments.jsonl", samples=config.samples,
+    runner = JudgeRunner(backend, rubric, out_dir / JUDGMENTS, samples=config.samples,
                          temperature=config.temperature, concurrency=config.concurrency,
                          requests_per_minute=config.requests_per_minute, max_retries=config.max_retries,
                          backoff_s=config.backoff_s, max_wait_s=config.max_wait_s)
@@ -110,9 +110,9 @@ def judge_predictions(predictions: Path, tasks_name: str, config: JudgeConfig, o
                           "strict": strict}
     report["rubric"] = "reference" if has_reference else "reference-free"
     report["interrupted"] = runner.interrupted
-    write_json_atomic(out_dir / "scores.json", report)
+    write_json_atomic(out_dir / SCORES, report)
     if runner.interrupted:  # what finished is written; the CLI says so and exits 130
         log.warning("judging interrupted: %d of %d task(s) scored, written to %s", report["scored"], len(items),
-                    out_dir / "scores.json")
+                    out_dir / SCORES)
         raise KeyboardInterrupt
     return ScoreReport(report)

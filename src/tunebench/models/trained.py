@@ -13,6 +13,7 @@ from tunebench.data.templates import TEMPLATE_NAMES
 from tunebench.errors import ConfigError
 from tunebench.models.load import load_base_model, pick_device
 from tunebench.models.tokenizer import load_tokenizer
+from tunebench.runs import ADAPTER, FULL_MODEL, MERGED, TRAINED_META
 
 
 @dataclass
@@ -25,8 +26,8 @@ class LoadedModel:
 
 def find_trained(path: Path) -> Path | None:
     """A run folder, or an adapter/model folder, to the folder holding tunebench.json."""
-    for candidate in (path, path / "adapter", path / "model", path / "merged"):
-        if (candidate / "tunebench.json").exists():
+    for candidate in (path, path / ADAPTER, path / FULL_MODEL, path / MERGED):
+        if (candidate / TRAINED_META).exists():
             return candidate
     return None
 
@@ -56,7 +57,7 @@ def load_for_inference(target: str, dtype: torch.dtype | None = None, model_conf
         config = model_config or ModelConfig(name_or_path=target)
         model = load_base_model(config, dtype, device=device).eval()
         return LoadedModel(model, load_tokenizer(config), None, target)
-    meta = json.loads((trained / "tunebench.json").read_text(encoding="utf-8"))
+    meta = json.loads((trained / TRAINED_META).read_text(encoding="utf-8"))
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(trained)))
     if (trained / "adapter_config.json").exists():
         from peft import PeftModel

@@ -11,6 +11,7 @@ from tunebench.judge.language import fails_gate, japanese_share
 from tunebench.report.collect import RunRecord, config_differences, load_run, wins_and_losses
 from tunebench.report.pairwise import pairwise_section, verdict_cell
 from tunebench.report.svg import line_chart
+from tunebench.runs import REPORT_HTML, REPORT_MD
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def write_report(roots: list[Path], out_dir: Path, pairwise: dict | None = None)
     for defect in (d for r in runs for d in r.defects):
         log.warning("%s", defect)
     out_dir.mkdir(parents=True, exist_ok=True)
-    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    html_path, md_path = out_dir / REPORT_HTML, out_dir / REPORT_MD
     html_path.write_text(render_html(runs, pairwise), encoding="utf-8")
     md_path.write_text(render_markdown(runs, pairwise), encoding="utf-8")
     return html_path, md_path

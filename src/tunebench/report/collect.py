@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from tunebench.runs import read_jsonl
+from tunebench.runs import CONFIG, DATA_DIR, DATA_SUMMARY, METRICS, NLL, PREDICTIONS, SCORES, VALIDATION, read_jsonl
 
 
 @dataclass
@@ -86,15 +86,15 @@ def read_predictions(path: Path) -> tuple[dict[Any, dict], list[str]]:
 
 
 def load_run(root: Path) -> RunRecord:
-    config = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8")) if (root / "config.yaml").exists() else {}
-    predictions, defects = read_predictions(root / "predictions.jsonl")
+    config = yaml.safe_load((root / CONFIG).read_text(encoding="utf-8")) if (root / CONFIG).exists() else {}
+    predictions, defects = read_predictions(root / PREDICTIONS)
     return RunRecord(
         name=(config or {}).get("name") or root.name, root=root, config=config or {},
-        data_summary=read_json(root / "data" / "summary.json") or {},
-        metrics=read_jsonl(root / "metrics.jsonl"),
+        data_summary=read_json(root / DATA_DIR / DATA_SUMMARY) or {},
+        metrics=read_jsonl(root / METRICS),
         predictions=predictions, defects=defects,
-        scores=read_json(root / "scores.json"), nll=read_json(root / "nll.json"),
-        validation=read_json(root / "validation.json"))
+        scores=read_json(root / SCORES), nll=read_json(root / NLL),
+        validation=read_json(root / VALIDATION))
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunebench.report.collect import RunRecord, load_run
+from tunebench.runs import CONFIG
 
 
 def find_runs(folder: Path) -> list[RunRecord]:
-    return [load_run(p) for p in sorted(folder.iterdir()) if (p / "config.yaml").exists()] if folder.is_dir() else []
+    return [load_run(p) for p in sorted(folder.iterdir()) if (p / CONFIG).exists()] if folder.is_dir() else []
 
 
 def leaderboard(runs: list[RunRecord]) -> str:

@@ -22,6 +22,7 @@ import yaml
 from tunebench.config import public_url
 from tunebench.errors import ConfigError, ModelError
 from tunebench.models.trained import find_trained
+from tunebench.runs import CONFIG, MERGED, SCORES, TRAINED_META
 from tunebench.train.methods import get_method
 
 EMBEDDED_UPSTREAM = "google/gemma-3-270m"
@@ -99,23 +100,23 @@ def collect_upload(run_path: Path, repo: str, merged: bool) -> tuple[Path, dict[
     """The folder to upload and the generated or rewritten files that replace or join its own."""
     trained = find_trained(run_path)
     if merged:
-        trained = find_trained(run_path / "merged") if (run_path / "merged").exists() else None
+        trained = find_trained(run_path / MERGED) if (run_path / MERGED).exists() else None
         if trained is None:
             raise ModelError(f"{run_path}: no merged model; run `tunebench merge {run_path}` first")
     if trained is None:
         raise ModelError(f"{run_path}: nothing trained to push (no adapter/ or model/)")
-    meta = json.loads((trained / "tunebench.json").read_text(encoding="utf-8"))
+    meta = json.loads((trained / TRAINED_META).read_text(encoding="utf-8"))
     run_root = trained.parent
-    config = yaml.safe_load((run_root / "config.yaml").read_text(encoding="utf-8")) if (run_root / "config.yaml").exists() else {}
-    scores = json.loads((run_root / "scores.json").read_text(encoding="utf-8")) if (run_root / "scores.json").exists() else None
+    config = yaml.safe_load((run_root / CONFIG).read_text(encoding="utf-8")) if (run_root / CONFIG).exists() else {}
+    scores = json.loads((run_root / SCORES).read_text(encoding="utf-8")) if (run_root / SCORES).exists() else None
     generated = {"README.md": model_card(meta, config, scores, repo)}
     if (trained / "adapter_config.json").exists():
         generated["adapter_config.json"] = public_adapter_config(
             (trained / "adapter_config.json").read_text(encoding="utf-8"), meta["base_model"])
-    generated["tunebench.json"] = json.dumps(
+    generated[TRAINED_META] = json.dumps(
         {**meta, "base_model": public_model_id(meta["base_model"]) or Path(meta["base_model"]).name}, indent=2)
-    if (trained / "config.yaml").exists():
-        generated["config.yaml"] = public_run_config((trained / "config.yaml").read_text(encoding="utf-8"))
+    if (trained / CONFIG).exists():
+        generated[CONFIG] = public_run_config((trained / CONFIG).read_text(encoding="utf-8"))
     return trained, generated
 
 

@@ -19,7 +19,7 @@ from tunebench.data.prepare import Summary
 from tunebench.errors import ConfigError
 from tunebench.models.load import load_base_model
 from tunebench.models.trained import find_trained
-from tunebench.runs import RunDir, read_jsonl
+from tunebench.runs import DATA_SUMMARY, TRAINED_META, RunDir, read_jsonl
 from tunebench.train.checkpoint import latest_checkpoint, load_checkpoint
 from tunebench.train.distributed import Dist
 from tunebench.train.loop import TrainState
@@ -41,7 +41,7 @@ def prepare_once(config: Config, run: RunDir, dist: Dist, prepare_fn: Callable[[
         summary = prepare_fn()
     dist.barrier()
     if not dist.is_main:
-        summary = Summary(**json.loads((run.data_dir / "summary.json").read_text(encoding="utf-8")))
+        summary = Summary(**json.loads((run.data_dir / DATA_SUMMARY).read_text(encoding="utf-8")))
     return summary
 
 
@@ -80,7 +80,7 @@ def resolve_start(config: Config) -> StartPoint:
     if trained is None:
         raise ConfigError(f"train.init_from: {source} holds no finished run (no tunebench.json in it, "
                           "its adapter/ or its model/); train it first, or give a model id")
-    meta = json.loads((trained / "tunebench.json").read_text(encoding="utf-8"))
+    meta = json.loads((trained / TRAINED_META).read_text(encoding="utf-8"))
     template = meta.get("template") or config.data.template
     if template != config.data.template:
         log.info("data.template: %s, the template %s was trained with", template, source)

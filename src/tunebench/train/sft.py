@@ -32,7 +32,7 @@ from tunebench.data.prepare import Summary, prepare, prepare_pairs, read_token_r
 from tunebench.errors import DataError
 from tunebench.models.load import compute_dtype, pick_device
 from tunebench.models.tokenizer import load_tokenizer
-from tunebench.runs import RunDir, write_json_atomic
+from tunebench.runs import CONFIG, TRAINED_META, RunDir, write_json_atomic
 from tunebench.train.distributed import Dist
 from tunebench.train.fingerprint import code_fingerprint
 from tunebench.train.loop import TrainState, fit
@@ -159,7 +159,7 @@ def setup(start: StartPoint, run: RunDir, resume: bool, allow_contamination: boo
 
 def reference_key(start: StartPoint, data_fingerprint: str, dtype: torch.dtype) -> str:
     """What DPO's cached reference log-probs depend on: the pairs, the starting model and its precision."""
-    meta = (Path(start.source) / "tunebench.json").read_text(encoding="utf-8") if start.source else start.base_model
+    meta = (Path(start.source) / TRAINED_META).read_text(encoding="utf-8") if start.source else start.base_model
     return hashlib.sha256(json.dumps([data_fingerprint, meta, start.config.train.method, str(dtype)]).encode()
                           ).hexdigest()[:16]
 
@@ -188,10 +188,10 @@ def save_final(model, tokenizer, config: Config, run: RunDir, data_fingerprint: 
             "template": config.data.template, "max_seq_length": config.data.max_seq_length,
             "steps": steps, "data_fingerprint": data_fingerprint, "code_fingerprint": code_fingerprint(),
             "tunebench_version": __version__}
-    write_json_atomic(tmp / "tunebench.json", meta)
+    write_json_atomic(tmp / TRAINED_META, meta)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
-    (target / "config.yaml").write_text(run.config_file.read_text(encoding="utf-8"), encoding="utf-8")
+    (target / CONFIG).write_text(run.config_file.read_text(encoding="utf-8"), encoding="utf-8")
     log.info("saved %s", target)
     return target
