@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_gpu import LLMJP_13B, TOKENIZER, build_random_13b  # noqa: E402
+from train_speed import load_baseline_model, time_trainer  # noqa: E402
 
 MODEL = Path("/tmp/llmjp13b")
 PAIRS = Path("/tmp/bench-dpo/pairs.jsonl")
@@ -80,12 +81,11 @@ def folding(tokenizer, vocab: int):
 def run_baseline(model_name: str, method: str, steps: int, seq: int) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from tunebench.config import ModelConfig
     from tunebench.data.templates import render_prompt
-    from tunebench.models.tokenizer import load_tokenizer, resolve_model_path
+    from tunebench.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=TOKENIZER))
     if model_name == "llmjp13b":
@@ -93,11 +93,7 @@ def run_baseline(model_name: str, method: str, steps: int, seq: int) -> dict:
     rows = [json.loads(line) for line in PAIRS.read_text(encoding="utf-8").splitlines()]
     dataset = Dataset.from_list([{"prompt": render_prompt(r["prompt"], "course"), "chosen": r["chosen"],
                                   "rejected": r["rejected"]} for r in rows])
-    path = MODEL if model_name == "llmjp13b" else resolve_model_path("embedded:gemma-3-270m")
-    quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=torch.bfloat16) if method == "qlora" else None)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa",
-                                                 device_map={"": 0}, quantization_config=quantization)
+    model = load_baseline_model(model_name, method)
     args = DPOConfig(output_dir="/tmp/bench-trl-dpo", per_device_train_batch_size=2, gradient_accumulation_steps=4,
                      max_steps=steps, learning_rate=LR, beta=BETA, warmup_steps=10, logging_steps=1, bf16=True,
                      gradient_checkpointing=True, max_length=seq, report_to="none", save_strategy="no", seed=42,
@@ -106,31 +102,10 @@ def run_baseline(model_name: str, method: str, steps: int, seq: int) -> dict:
                              task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
-    tokens: list[int] = []
-    collate = trainer.data_collator
-
-    def counting(examples):
-        batch = collate(examples)
-        tokens.append(int(batch["attention_mask"].sum()))
-        return batch
-
-    trainer.data_collator = counting
-    stamps: list[tuple[float, int]] = []
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            stamps.append((time.perf_counter(), sum(tokens)))
-
-    trainer.add_callback(Timer())
-    torch.cuda.reset_peak_memory_stats()
-    start = time.time()
-    trainer.train()
-    rates = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(stamps, stamps[1:])][2:]
-    logged = [h for h in trainer.state.log_history if "loss" in h]
-    return {"variant": "baseline (TRL DPOTrainer)", "steps": steps, "tokens_per_s": statistics.median(rates),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss_first": logged[0]["loss"],
-            "loss_last": logged[-1]["loss"], "wall_s": time.time() - start}
+    timed = time_trainer(trainer, lambda batch: int(batch["attention_mask"].sum()))
+    logged = timed.pop("logged")
+    return {"variant": "baseline (TRL DPOTrainer)", "steps": steps, **timed, "loss_first": logged[0]["loss"],
+            "loss_last": logged[-1]["loss"]}
 
 
 def run_tunebench(model: str, method: str, steps: int, seq: int, out: Path, extra: list[str] = ()) -> dict:

@@ -74,37 +74,32 @@ def prepared_rows(seq: int, fold: bool = True) -> list[dict]:
              "completion_mask": [int(label != -100) for label in r["labels"]]} for r in read_token_rows(run.data_dir / "train.jsonl")]
 
 
-def run_baseline(model_name: str, method: str, steps: int, seq: int) -> dict:
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+def load_baseline_model(model_name: str, method: str):
+    """The course stack's model: bf16, sdpa, on GPU 0; NF4 double-quant 4-bit for qlora."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tunebench.config import ModelConfig
-    from tunebench.models.tokenizer import load_tokenizer, resolve_model_path
+    from tunebench.models.tokenizer import resolve_model_path
 
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=TOKENIZER))
-    dataset = Dataset.from_list(prepared_rows(seq, fold=model_name == "llmjp13b"))
     path = MODEL if model_name == "llmjp13b" else resolve_model_path("embedded:gemma-3-270m")
     quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                        bnb_4bit_compute_dtype=torch.bfloat16) if method == "qlora" else None)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa",
-                                                 device_map={"": 0}, quantization_config=quantization)
-    args = SFTConfig(output_dir="/tmp/bench-trl", per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                     max_steps=steps, learning_rate=2e-4, warmup_steps=10, logging_steps=1, bf16=True,
-                     gradient_checkpointing=True, max_length=seq, packing=False, report_to="none",
-                     save_strategy="no", seed=42, dataloader_num_workers=0, completion_only_loss=True)
-    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                             task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                device_map={"": 0}, quantization_config=quantization)
+
+
+def time_trainer(trainer, count_tokens) -> dict:
+    """Train with a transformers Trainer, counting each batch's real tokens with count_tokens(batch).
+
+    Returns the median real tokens/s over the steps after the first two, the peak GPU memory from the
+    start of training, the wall time, and the logged records that hold a loss ("logged")."""
+    from transformers import TrainerCallback
+
     tokens: list[int] = []
     collate = trainer.data_collator
 
     def counting(examples):
         batch = collate(examples)
-        tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch
-                      else int((batch["input_ids"] != tokenizer.pad_token_id).sum()))
+        tokens.append(count_tokens(batch))
         return batch
 
     trainer.data_collator = counting
@@ -120,11 +115,35 @@ def run_baseline(model_name: str, method: str, steps: int, seq: int) -> dict:
     start = time.time()
     trainer.train()
     rates = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(stamps, stamps[1:])][2:]
-    logged = [h for h in trainer.state.log_history if "loss" in h]
+    return {"tokens_per_s": statistics.median(rates), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "wall_s": time.time() - start, "logged": [h for h in trainer.state.log_history if "loss" in h]}
+
+
+def run_baseline(model_name: str, method: str, steps: int, seq: int) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from tunebench.config import ModelConfig
+    from tunebench.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=TOKENIZER))
+    dataset = Dataset.from_list(prepared_rows(seq, fold=model_name == "llmjp13b"))
+    model = load_baseline_model(model_name, method)
+    args = SFTConfig(output_dir="/tmp/bench-trl", per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                     max_steps=steps, learning_rate=2e-4, warmup_steps=10, logging_steps=1, bf16=True,
+                     gradient_checkpointing=True, max_length=seq, packing=False, report_to="none",
+                     save_strategy="no", seed=42, dataloader_num_workers=0, completion_only_loss=True)
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                             task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+    timed = time_trainer(trainer, lambda batch: int(batch["attention_mask"].sum()) if "attention_mask" in batch
+                         else int((batch["input_ids"] != tokenizer.pad_token_id).sum()))
+    logged = timed.pop("logged")
     # HF Trainer logs a NaN/inf loss as 0.0 (logging_nan_inf_filter); the grad norm still shows it.
-    return {"variant": "baseline (TRL SFTTrainer)", "steps": steps, "tokens_per_s": statistics.median(rates),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss_last": statistics.mean(h["loss"] for h in logged[-5:]),
-            "loss_first": logged[0]["loss"], "wall_s": time.time() - start,
+    return {"variant": "baseline (TRL SFTTrainer)", "steps": steps, **timed,
+            "loss_last": statistics.mean(h["loss"] for h in logged[-5:]), "loss_first": logged[0]["loss"],
             "grad_norm_finite": all(math.isfinite(h.get("grad_norm", 0.0)) for h in logged)}
 
 
