@@ -114,3 +114,15 @@ def pairwise_reply(model: str, prompt: str) -> str:
     else:
         verdict = {(True, False): "A", (False, True): "B"}.get(("GOOD" in first, "GOOD" in second), "引き分け")
     return f"回答を比べました。\n判定: {verdict}"
+
+
+def write_tasks_and_predictions(tmp_path, outputs):
+    """A task file of len(outputs) tasks and run/predictions.jsonl answering each with its output."""
+    tasks = tmp_path / "tasks.jsonl"
+    preds = tmp_path / "run" / "predictions.jsonl"
+    preds.parent.mkdir()
+    tasks.write_text("".join(json.dumps({"task_id": i, "input": f"質問{i}"}, ensure_ascii=False) + "\n"
+                             for i in range(len(outputs))), encoding="utf-8")
+    preds.write_text("".join(json.dumps({"task_id": i, "input": f"質問{i}", "output": o}, ensure_ascii=False) + "\n"
+                             for i, o in enumerate(outputs)), encoding="utf-8")
+    return tasks, preds

@@ -4,17 +4,13 @@
 import json
 import shutil
 import subprocess
-import threading
 
 import pytest
 
 from tunebench.cli import main
-from tunebench.config import GenerateConfig, JudgeConfig
-from tunebench.generate.engine import Generator
-from tunebench.generate.serve import make_server
+from tunebench.config import JudgeConfig
 from tunebench.judge.compare import compare_runs
 from tunebench.judge.pairwise import parse_verdict
-from tunebench.models.trained import load_for_inference
 
 from .fake_openai import FakeJudge
 from .test_pairwise import write_runs
@@ -54,19 +50,10 @@ def test_compare_without_a_judge_is_a_clear_error(tmp_path, capsys):
                  "--base-url", "http://127.0.0.1:9/v1"]) == 2
 
 
-def test_compare_with_tunebench_serve_as_judge(tmp_path, tiny_model_dir):
-    loaded = load_for_inference(str(tiny_model_dir))
-    generator = Generator(loaded.model, loaded.tokenizer, "course",
-                          GenerateConfig(max_new_tokens=8, batch_size=1, repetition_penalty=1.0, no_repeat_ngram_size=1))
-    server = make_server(generator, "tiny", port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        tasks, a, b = write_runs(tmp_path, ["東京です。"], ["大阪です。"])
-        config = JudgeConfig(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", max_retries=0, backoff_s=0.01)
-        result = compare_runs(a, b, str(tasks), config, ["openai:tiny"], tmp_path / "out", progress=False)
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_compare_with_tunebench_serve_as_judge(tmp_path, tiny_judge_url):
+    tasks, a, b = write_runs(tmp_path, ["東京です。"], ["大阪です。"])
+    config = JudgeConfig(base_url=tiny_judge_url, max_retries=0, backoff_s=0.01)
+    result = compare_runs(a, b, str(tasks), config, ["openai:tiny"], tmp_path / "out", progress=False)
     records = [json.loads(line) for line in (tmp_path / "out" / "pairwise_judgments.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["raw"] for r in records)  # the model answered both orders over HTTP
     verdict = result["per_task"][0]["verdicts"]["openai:tiny"]

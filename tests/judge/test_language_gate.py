@@ -1,6 +1,5 @@
 """The language gate: Japanese share of mixed-language answers, and the ELYZA point it costs."""
 
-import json
 
 import pytest
 
@@ -8,7 +7,7 @@ from tunebench.config import JudgeConfig
 from tunebench.judge.language import fails_gate, gated_score, japanese_share
 from tunebench.judge.score import judge_predictions
 
-from .fake_openai import FakeJudge
+from .fake_openai import write_tasks_and_predictions
 
 
 def test_japanese_share_on_mixed_strings():
@@ -29,27 +28,9 @@ def test_gated_score_rule():
     assert gated_score(None, strict=False) is None and gated_score(5, strict=True) == 1
 
 
-@pytest.fixture()
-def fake():
-    server = FakeJudge()
-    yield server
-    server.stop()
-
-
-def setup_files(tmp_path, outputs):
-    tasks = tmp_path / "tasks.jsonl"
-    preds = tmp_path / "run" / "predictions.jsonl"
-    preds.parent.mkdir()
-    tasks.write_text("".join(json.dumps({"task_id": i, "input": f"質問{i}"}, ensure_ascii=False) + "\n"
-                             for i in range(len(outputs))), encoding="utf-8")
-    preds.write_text("".join(json.dumps({"task_id": i, "input": f"質問{i}", "output": o}, ensure_ascii=False) + "\n"
-                             for i, o in enumerate(outputs)), encoding="utf-8")
-    return tasks, preds
-
-
 def test_judge_flags_and_gates_non_japanese_answers(tmp_path, fake):
     outputs = ["WANT:5 日本語のとても良い答えです", "WANT:5 This answer is English", "WANT:4 日本語の答えです"]
-    tasks, preds = setup_files(tmp_path, outputs)
+    tasks, preds = write_tasks_and_predictions(tmp_path, outputs)
     base = dict(judge="openai:fake-judge", base_url=fake.url, backoff_s=0.01, max_retries=1)
     plain = judge_predictions(preds, str(tasks), JudgeConfig(**base), progress=False).data
     assert [t["score"] for t in plain["per_task"]] == [5, 5, 4]  # flagged only, no gate

@@ -9,15 +9,6 @@ from tunebench.config import JudgeConfig
 from tunebench.judge.compare import compare_runs, format_result
 from tunebench.judge.pairwise import combine_orders, parse_verdict, preferred_run, verdict_reason
 
-from .fake_openai import FakeJudge
-
-
-@pytest.fixture()
-def fake():
-    server = FakeJudge()
-    yield server
-    server.stop()
-
 
 def write_runs(tmp_path, answers_a, answers_b):
     """Two run folders answering the same task file; returns (tasks, run_a, run_b)."""

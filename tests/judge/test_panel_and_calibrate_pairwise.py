@@ -2,21 +2,12 @@
 
 import json
 
-import pytest
-
 from tunebench.cli import main
 from tunebench.config import JudgeConfig
 from tunebench.judge.calibrate_pairwise import calibrate_pairwise, clear_pairs
 from tunebench.judge.panel import judge_panel, majority
 
-from .fake_openai import FakeJudge
-
-
-@pytest.fixture()
-def fake():
-    server = FakeJudge()
-    yield server
-    server.stop()
+from .fake_openai import write_tasks_and_predictions
 
 
 def test_majority():
@@ -24,19 +15,8 @@ def test_majority():
     assert majority([None, "B"]) == "B" and majority([None, None]) is None
 
 
-def write_predictions(tmp_path, outputs):
-    tasks = tmp_path / "tasks.jsonl"
-    preds = tmp_path / "run" / "predictions.jsonl"
-    preds.parent.mkdir()
-    tasks.write_text("".join(json.dumps({"task_id": i, "input": f"質問{i}"}, ensure_ascii=False) + "\n"
-                             for i in range(len(outputs))), encoding="utf-8")
-    preds.write_text("".join(json.dumps({"task_id": i, "input": f"質問{i}", "output": o}, ensure_ascii=False) + "\n"
-                             for i, o in enumerate(outputs)), encoding="utf-8")
-    return tasks, preds
-
-
 def test_judge_panel_reports_each_judge_the_mean_and_agreement(tmp_path, fake):
-    tasks, preds = write_predictions(tmp_path, ["WANT:5 答え", "WANT:2 答え", "CASE:NOSCORE 答え"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["WANT:5 答え", "WANT:2 答え", "CASE:NOSCORE 答え"])
     # Two scripted judges that agree; the reply without a score is unscored for both, so for the panel.
     config = JudgeConfig(base_url=fake.url, backoff_s=0.01, max_retries=0)
     report = judge_panel(preds, str(tasks), config, ["openai:fake-a", "openai:fake-b"], progress=False).data
@@ -79,7 +59,7 @@ def test_calibrate_pairwise_on_clear_pairs(tmp_path, fake, capsys):
 
 
 def test_judge_cli_with_a_panel(tmp_path, fake, capsys):
-    tasks, preds = write_predictions(tmp_path, ["WANT:5 答え", "WANT:3 答え"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["WANT:5 答え", "WANT:3 答え"])
     assert main(["judge", str(preds), "--tasks", str(tasks), "--judge", "openai:fake-a", "--judge", "gpt4"]) == 2
     assert "expected BACKEND:MODEL" in capsys.readouterr().err and fake.total() == 0
     assert main(["judge", str(preds), "--tasks", str(tasks), "--judge", "openai:fake-a", "--judge", "openai:fake-b",

@@ -6,25 +6,7 @@ from tunebench.config import JudgeConfig
 from tunebench.errors import JudgeError
 from tunebench.judge.score import judge_predictions
 
-from .fake_openai import FakeJudge
-
-
-@pytest.fixture()
-def fake():
-    server = FakeJudge()
-    yield server
-    server.stop()
-
-
-def setup_files(tmp_path, outputs):
-    tasks = tmp_path / "tasks.jsonl"
-    preds = tmp_path / "run" / "predictions.jsonl"
-    preds.parent.mkdir()
-    tasks.write_text("".join(json.dumps({"task_id": i, "input": f"質問{i}"}, ensure_ascii=False) + "\n"
-                             for i in range(len(outputs))), encoding="utf-8")
-    preds.write_text("".join(json.dumps({"task_id": i, "input": f"質問{i}", "output": o}, ensure_ascii=False) + "\n"
-                             for i, o in enumerate(outputs)), encoding="utf-8")
-    return tasks, preds
+from .fake_openai import FakeJudge, write_tasks_and_predictions
 
 
 def config(fake, **kw):
@@ -33,7 +15,7 @@ def config(fake, **kw):
 
 
 def test_happy_path_mean_ci_and_files(tmp_path, fake):
-    tasks, preds = setup_files(tmp_path, ["WANT:5 答え", "WANT:3 答え", "WANT:4 答え", "WANT:2 答え"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["WANT:5 答え", "WANT:3 答え", "WANT:4 答え", "WANT:2 答え"])
     report = judge_predictions(preds, str(tasks), config(fake), progress=False).data
     assert [t["score"] for t in report["per_task"]] == [5, 3, 4, 2]
     assert report["mean"] == 3.5 and report["ci_low"] <= 3.5 <= report["ci_high"] and report["unscored"] == 0
@@ -45,14 +27,14 @@ def test_happy_path_mean_ci_and_files(tmp_path, fake):
 
 
 def test_retries_429_500_timeouts_and_empty_replies(tmp_path, fake):
-    tasks, preds = setup_files(tmp_path, ["CASE:429 WANT:4", "CASE:500 WANT:4", "CASE:SLOW WANT:4", "CASE:EMPTY WANT:4"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["CASE:429 WANT:4", "CASE:500 WANT:4", "CASE:SLOW WANT:4", "CASE:EMPTY WANT:4"])
     report = judge_predictions(preds, str(tasks), config(fake, concurrency=4), progress=False).data
     assert [t["score"] for t in report["per_task"]] == [4, 4, 4, 4]
     assert sorted(fake.hits.values()) == [2, 2, 2, 2]  # each failed once, then succeeded
 
 
 def test_unparsable_reply_is_retried_then_unscored_not_zero(tmp_path, fake):
-    tasks, preds = setup_files(tmp_path, ["CASE:NOSCORE", "WANT:4"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["CASE:NOSCORE", "WANT:4"])
     report = judge_predictions(preds, str(tasks), config(fake), progress=False).data
     bad = report["per_task"][0]
     assert bad["score"] is None and bad["scores"] == [None] and "no parsable" in bad["error"]
@@ -64,7 +46,7 @@ def test_unparsable_reply_is_retried_then_unscored_not_zero(tmp_path, fake):
 
 
 def test_cache_resume_and_rejudging_only_what_changed(tmp_path, fake):
-    tasks, preds = setup_files(tmp_path, ["WANT:5", "WANT:3", "WANT:4"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["WANT:5", "WANT:3", "WANT:4"])
     judge_predictions(preds, str(tasks), config(fake), progress=False)
     assert fake.total() == 3
     judge_predictions(preds, str(tasks), config(fake), progress=False)
@@ -81,7 +63,7 @@ def test_cache_resume_and_rejudging_only_what_changed(tmp_path, fake):
 
 
 def test_interrupted_run_resumes(tmp_path, fake):
-    tasks, preds = setup_files(tmp_path, ["WANT:5", "CASE:401", "WANT:4"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["WANT:5", "CASE:401", "WANT:4"])
     with pytest.raises(JudgeError, match=r"refused the request \(401\)"):
         judge_predictions(preds, str(tasks), config(fake, concurrency=1), progress=False)
     done = len((preds.parent / "judgments.jsonl").read_text().splitlines())
@@ -95,7 +77,7 @@ def test_interrupted_run_resumes(tmp_path, fake):
 
 
 def test_samples_report_spread(tmp_path, fake):
-    tasks, preds = setup_files(tmp_path, ["WANT:4"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["WANT:4"])
     report = judge_predictions(preds, str(tasks), config(fake, samples=3, temperature=0.7), progress=False).data
     assert report["per_task"][0]["scores"] == [4, 4, 4] and report["per_task"][0]["spread"] == 0.0
     assert report["samples"] == 3
@@ -103,7 +85,7 @@ def test_samples_report_spread(tmp_path, fake):
 
 def test_missing_api_key_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    tasks, preds = setup_files(tmp_path, ["x"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["x"])
     with pytest.raises(JudgeError, match="set the environment variable OPENAI_API_KEY"):
         judge_predictions(preds, str(tasks), JudgeConfig(judge="openai:gpt-4o-mini"), progress=False)
 
@@ -120,7 +102,7 @@ def test_elyza_tasks_use_the_reference_rubric(tmp_path, fake):
 
 
 def test_unscored_judgments_are_retried_on_a_rerun(tmp_path, fake):
-    tasks, preds = setup_files(tmp_path, ["WANT:5", "WANT:3"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["WANT:5", "WANT:3"])
     fake.down = True  # an outage: every call is a 500
     report = judge_predictions(preds, str(tasks), config(fake), progress=False).data
     assert report["scored"] == 0 and report["unscored"] == 2
@@ -135,7 +117,7 @@ def test_unscored_judgments_are_retried_on_a_rerun(tmp_path, fake):
 
 
 def test_cache_is_per_endpoint(tmp_path, fake):
-    tasks, preds = setup_files(tmp_path, ["WANT:5", "WANT:3"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["WANT:5", "WANT:3"])
     judge_predictions(preds, str(tasks), config(fake), progress=False)
     other = FakeJudge()  # the same judge name at another base_url is another judge
     try:
@@ -148,7 +130,7 @@ def test_cache_is_per_endpoint(tmp_path, fake):
 
 
 def test_records_from_before_the_endpoint_key_are_judged_again(tmp_path, fake):
-    tasks, preds = setup_files(tmp_path, ["WANT:5"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["WANT:5"])
     old = {"key": "0" * 16, "task_id": 0, "sample": 0, "judge": "openai:fake-judge", "prompt_hash": "p",
            "answer_hash": "a", "score": 1, "reason": None, "raw": "評価: 1", "error": None}
     (preds.parent / "judgments.jsonl").write_text(json.dumps(old) + "\n")
@@ -160,7 +142,7 @@ def test_ctrl_c_cancels_queued_requests_and_writes_what_finished(tmp_path, fake,
     from tunebench.cli import main
 
     outputs = ["WANT:5", "CASE:INTERRUPT WANT:4"] + [f"WANT:3 その{i}" for i in range(10)]
-    tasks, preds = setup_files(tmp_path, outputs)
+    tasks, preds = write_tasks_and_predictions(tmp_path, outputs)
     code = main(["judge", str(preds), "--tasks", str(tasks), "--judge", "openai:fake-judge", "--base-url", fake.url,
                  "--concurrency", "1"])
     assert code == 130 and "interrupted" in capsys.readouterr().err
@@ -176,7 +158,7 @@ def test_ctrl_c_cancels_queued_requests_and_writes_what_finished(tmp_path, fake,
 def test_retry_after_is_honoured_up_to_max_wait_s(tmp_path, fake):
     import time
 
-    tasks, preds = setup_files(tmp_path, ["CASE:WAIT WANT:4"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["CASE:WAIT WANT:4"])
     start = time.monotonic()
     report = judge_predictions(preds, str(tasks), config(fake, max_wait_s=0.2), progress=False).data
     assert report["mean"] == 4 and 0.2 <= time.monotonic() - start < 5  # Retry-After: 30 capped at 0.2 s
@@ -192,7 +174,7 @@ def test_retry_after_is_honoured_up_to_max_wait_s(tmp_path, fake):
 def test_predictions_are_validated_before_anything_is_sent(tmp_path, fake, line3, message):
     from tunebench.errors import DataError
 
-    tasks, preds = setup_files(tmp_path, ["WANT:5", "WANT:4", "WANT:3"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["WANT:5", "WANT:4", "WANT:3"])
     lines = preds.read_text(encoding="utf-8").splitlines()
     lines[2] = json.dumps(line3, ensure_ascii=False)
     preds.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -203,7 +185,7 @@ def test_predictions_are_validated_before_anything_is_sent(tmp_path, fake, line3
 
 
 def test_a_subset_of_the_tasks_is_judged(tmp_path, fake):
-    tasks, preds = setup_files(tmp_path, ["WANT:5", "WANT:4", "WANT:3"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["WANT:5", "WANT:4", "WANT:3"])
     preds.write_text("".join(preds.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
     report = judge_predictions(preds, str(tasks), config(fake), progress=False).data
     assert report["scored"] == 2 and report["unscored"] == 0  # generate.limit=2 style runs still judge
@@ -212,7 +194,7 @@ def test_a_subset_of_the_tasks_is_judged(tmp_path, fake):
 def test_judge_exits_non_zero_when_nothing_was_scored(tmp_path, fake, capsys):
     from tunebench.cli import main
 
-    tasks, preds = setup_files(tmp_path, ["CASE:NOSCORE", "CASE:NOSCORE その2"])
+    tasks, preds = write_tasks_and_predictions(tmp_path, ["CASE:NOSCORE", "CASE:NOSCORE その2"])
     args = ["judge", str(preds), "--tasks", str(tasks), "--judge", "openai:fake-judge", "--base-url", fake.url,
             "--set", "judge.max_retries=0"]
     assert main(args) == 1
