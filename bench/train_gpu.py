@@ -38,38 +38,61 @@ LLMJP_13B = dict(vocab_size=99487, hidden_size=5120, num_hidden_layers=40, num_a
                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
-def build_random_13b(path: Path) -> None:
-    """Random llm-jp-3-13b-shaped Llama in bf16, built on the GPU and saved once per machine.
+# Gemma 3 270M's architecture (the embedded model's config.json), for random-initialised speed runs
+# that need no GGUF on the machine.
+GEMMA3_270M = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                   max_position_embeddings=32768, query_pre_attn_scalar=256, rms_norm_eps=1e-6,
+                   hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, bos_token_id=2,
+                   eos_token_id=1, pad_token_id=0,
+                   layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3)
 
-    Every weight is drawn explicitly (seeded normal, std 0.02; norms 1) and checked finite before
-    saving, so the benchmark never depends on how a transformers version initialises a model
-    constructed under a device context.
+
+def build_random_13b(path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    build_random_model(path, LlamaForCausalLM, LlamaConfig(**LLMJP_13B))
+
+
+def build_random_gemma(path: Path) -> None:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    build_random_model(path, Gemma3ForCausalLM, Gemma3TextConfig(**GEMMA3_270M))
+
+
+def build_random_model(path: Path, model_class, config) -> None:
+    """A random model of a real architecture in bf16, built on the GPU and saved once per machine.
+
+    Every weight is drawn explicitly (seeded normal, std 0.02; norms 1, or 0 for Gemma's
+    (1 + weight) norms) and checked finite before saving, so the benchmark never depends on how a
+    transformers version initialises a model constructed under a device context.
     """
     if (path / "config.json").exists():
         return
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     start = time.time()
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**LLMJP_13B))
+        model = model_class(config)
     torch.set_default_dtype(torch.float32)
     generator = torch.Generator(device="cuda").manual_seed(0)
+    norm_value = 0.0 if config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim >= 2:
                 param.normal_(0.0, 0.02, generator=generator)
             else:
-                param.fill_(1.0)
+                param.fill_(norm_value)
             if not torch.isfinite(param).all():
                 raise RuntimeError(f"non-finite values in {name}")
     model.save_pretrained(path, safe_serialization=True)
     del model
     torch.cuda.empty_cache()
-    print(f"built random 13B at {path} in {time.time() - start:.0f}s", flush=True)
+    print(f"built random {config.model_type} at {path} in {time.time() - start:.0f}s", flush=True)
 
 
-def run_case(name: str, steps: int, seq: int, out: Path, extra: list[str] = ()) -> dict:
+def case_config(name: str, steps: int, seq: int, extra: list[str] = ()):
+    """The config of a case MODEL-METHOD (course settings: batch 2 × accum 4, megagon), its random
+    model built first where the case needs one."""
     model, method = name.split("-")
     overrides = [f"train.method={method}", f"train.max_steps={steps}", "train.logging_steps=1",
                  "train.save_steps=100000", f"data.max_seq_length={seq}", "train.per_device_train_batch_size=2",
@@ -77,33 +100,53 @@ def run_case(name: str, steps: int, seq: int, out: Path, extra: list[str] = ()) 
                  "data.sources=[{path: 'builtin:ja-instruct-megagon'}]"]
     if model == "gemma":
         overrides += ["model.name_or_path=embedded:gemma-3-270m"]
+    if model == "gemmarandom":
+        build_random_gemma(Path("/tmp/gemma270m-random"))
+        overrides += ["model.name_or_path=/tmp/gemma270m-random", f"model.tokenizer={TOKENIZER}"]
     if model == "llmjp13b":
         build_random_13b(Path("/tmp/llmjp13b"))
         overrides += ["model.name_or_path=/tmp/llmjp13b", f"model.tokenizer={TOKENIZER}"]
-    config = load_config("configs/llm-jp-3-13b-qlora.yaml", overrides + list(extra))
+    return load_config("configs/llm-jp-3-13b-qlora.yaml", overrides + list(extra))
+
+
+def prepare_case(config, run: RunDir) -> None:
+    """The data stage for a case; the 13B shape's ids are folded into its vocabulary, and a later
+    prepare (inside train) reuses these rows."""
+    if config.model.name_or_path != "/tmp/llmjp13b":
+        return
+    tokenizer = load_tokenizer(config.model)
+    prepare(config, run, tokenizer, config.model.tokenizer or config.model.name_or_path)
+    path = run.data_dir / "train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    with path.open("w") as handle:
+        for row in rows:
+            row["input_ids"] = [i % LLMJP_13B["vocab_size"] for i in row["input_ids"]]
+            row["labels"] = [i if i == -100 else i % LLMJP_13B["vocab_size"] for i in row["labels"]]
+            handle.write(json.dumps(row) + "\n")
+
+
+def metrics_summary(run: RunDir) -> dict:
+    """Median real tokens/s after the first two steps, peak GPU memory, first and last losses."""
+    metrics = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    steps_logged = [m for m in metrics if "tokens_per_s" in m]
+    return {"tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps_logged[2:] or steps_logged),
+            "peak_gib": max(m.get("peak_memory_gib", 0) for m in metrics), "loss_first": metrics[0]["loss"],
+            "loss_last": statistics.mean(m["loss"] for m in steps_logged[-5:]),
+            "losses": [m["loss"] for m in steps_logged],
+            "grad_norm_finite": all(math.isfinite(m["grad_norm"]) for m in steps_logged)}
+
+
+def run_case(name: str, steps: int, seq: int, out: Path, extra: list[str] = ()) -> dict:
+    config = case_config(name, steps, seq, extra)
     label = name + "".join(f"+{e.split('.')[-1]}" for e in extra)
     run = RunDir(out / f"{label}-{seq}")
-    if model == "llmjp13b":  # fold ids into the 13B vocabulary; prepare() then reuses these rows
-        tokenizer = load_tokenizer(config.model)
-        prepare(config, run, tokenizer, config.model.tokenizer or config.model.name_or_path)
-        path = run.data_dir / "train.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        with path.open("w") as handle:
-            for row in rows:
-                row["input_ids"] = [i % LLMJP_13B["vocab_size"] for i in row["input_ids"]]
-                row["labels"] = [i if i == -100 else i % LLMJP_13B["vocab_size"] for i in row["labels"]]
-                handle.write(json.dumps(row) + "\n")
+    prepare_case(config, run)
     torch.cuda.reset_peak_memory_stats()
     start = time.time()
     train(config, run)
-    wall = time.time() - start
-    metrics = [json.loads(line) for line in run.metrics.read_text().splitlines()]
-    steps_logged = [m for m in metrics if "tokens_per_s" in m]
-    return {"case": label, "seq": seq, "steps": steps,
-            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps_logged[2:]),
-            "peak_gib": max(m.get("peak_memory_gib", 0) for m in metrics), "loss_first": metrics[0]["loss"],
-            "loss_last": statistics.mean(m["loss"] for m in steps_logged[-5:]), "wall_s": wall,
-            "grad_norm_finite": all(math.isfinite(m["grad_norm"]) for m in steps_logged)}
+    summary = metrics_summary(run)
+    del summary["losses"]
+    return {"case": label, "seq": seq, "steps": steps, **summary, "wall_s": time.time() - start}
 
 
 def main() -> None:

@@ -108,7 +108,7 @@ class TrainConfig:
     answer_only_logits: bool | None = option(
         None, help="compute vocabulary logits only where a label is predicted, 1,024 positions at a time; "
         "null (auto): on for the model types it is verified for (train/loss.py PLAIN_LOGITS) with lora, qlora "
-        "or full on one process; true insists (and says why where it cannot), false never")
+        "or full (also under DDP); true insists (and says why where it cannot), false never")
     offload_frozen: bool | None = option(
         None, help="keep the frozen base weights in pinned host memory and stream each decoder layer to the "
         "GPU one layer ahead of use (qlora/lora, gradient checkpointing, one process); null (auto): on for those "

@@ -53,11 +53,10 @@ def range_problems(section: Any, prefix: str) -> list[str]:
     return problems
 
 
-def answer_only_logits_refusal(method: str, world: int) -> str | None:
-    """Why train.answer_only_logits cannot run with this method and process count (None: it can)."""
-    if get_method(method).virtual_tokens or world > 1:
-        return ("it works with lora, qlora and full on one process (it calls the decoder directly, past "
-                "peft's virtual tokens and DDP's hooks)")
+def answer_only_logits_refusal(method: str) -> str | None:
+    """Why train.answer_only_logits cannot run with this method (None: it can)."""
+    if get_method(method).virtual_tokens:
+        return "it works with lora, qlora and full (it calls the decoder directly, past peft's virtual tokens)"
     return None
 
 
@@ -77,7 +76,7 @@ def combination_problems(config: Config, world_size: int) -> list[str]:
     if config.data.packing and get_method(t.method).virtual_tokens:
         problems.append("'data.packing' cannot be combined with prefix or prompt tuning (train.method): "
                         "virtual tokens would be shared across packed examples")
-    if t.answer_only_logits and (why := answer_only_logits_refusal(t.method, world_size)):
+    if t.answer_only_logits and (why := answer_only_logits_refusal(t.method)):
         problems.append(f"'train.answer_only_logits': {why}; set it to false or leave it null")
     if t.offload_frozen and (why := offload_refusal(t.method, t.gradient_checkpointing, world_size)):
         problems.append(f"'train.offload_frozen': {why}; set it to false or leave it null")

@@ -1,4 +1,6 @@
-"""Data parallelism through accelerate: 2 CPU processes (gloo) against one process, same global batch."""
+"""Data parallelism through accelerate: 2 CPU processes (gloo) against one process, same global batch.
+
+answer_only_logits is insisted on: under DDP the decoder still runs inside DDP's forward (DecoderOrLM)."""
 
 import json
 import shutil
@@ -21,7 +23,8 @@ model: {{name_or_path: "{model_dir}"}}
 data: {{sources: [{{path: "{data}"}}], contamination_sets: []}}
 train: {{method: lora, max_steps: 4, save_steps: 2, save_total_limit: 3, logging_steps: 1, warmup_steps: 0,
         per_device_train_batch_size: 1, gradient_accumulation_steps: {accum}, learning_rate: 0.05,
-        lora_dropout: 0.0, gradient_checkpointing: false, precision: fp64}}
+        lora_dropout: 0.0, gradient_checkpointing: false, precision: fp64,
+        answer_only_logits: true}}
 """, encoding="utf-8")
     return path
 

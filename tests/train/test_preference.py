@@ -110,7 +110,8 @@ def test_dpo_from_an_sft_run_caches_the_sft_models_reference_log_probs(tmp_path,
     cached = json.loads((run.data_dir / "reference_logps.json").read_text())["logps"]
     loaded = load_for_inference(str(sft_run.root), dtype=torch.float32)  # the SFT model itself
     rows = read_token_rows(run.data_dir / "train.jsonl")
-    again = compute_reference(loaded.model, rows, 2, loaded.tokenizer.pad_token_id, None, torch.device("cpu"),
+    plain = [[list(range(i, min(i + 2, len(rows))))] for i in range(0, len(rows), 2)]  # batches of 2, in file order
+    again = compute_reference(loaded.model, rows, plain, loaded.tokenizer.pad_token_id, None, torch.device("cpu"),
                               contextlib.nullcontext, False)
     assert torch.tensor(cached) == pytest.approx(torch.tensor(again), rel=1e-4, abs=1e-4)
     assert metrics(run)[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # policy starts as the reference
@@ -154,3 +155,43 @@ def test_dpo_resume_equals_uninterrupted(tmp_path, tiny_model_dir, toy_pairs):
 def test_prefix_tuning_is_refused_for_preference_objectives(tmp_path, tiny_model_dir, toy_pairs):
     with pytest.raises(ConfigError, match="lora, qlora and full"):
         train(pair_config(tiny_model_dir, toy_pairs, "train.method=prefix"), RunDir(tmp_path / "r"))
+
+
+def test_reference_pass_runs_each_pair_in_the_share_its_first_step_trains_it_in():
+    from tunebench.train.preference import reference_shares
+    from tunebench.train.sft import micro_batch_order
+
+    order = micro_batch_order(7, 2, seed=3, count=12)  # 4 micro-batches an epoch, the last holds one pair
+    shares = reference_shares(order, per_step=4, world=2, n_rows=7, batch_size=2)
+    # step 1 of the run: rank 0 takes micro-batches 0 and 2, rank 1 takes 1 and 3: exactly these shares
+    assert shares[:2] == [[order[0], order[2]], [order[1], order[3]]]
+    assert sorted(i for share in shares for idx in share for i in idx) == list(range(7))
+    # a run shorter than an epoch: the pairs it never reaches follow in plain batches of batch_size
+    short = reference_shares(order[:2], per_step=2, world=1, n_rows=7, batch_size=2)
+    assert short[0] == [order[0], order[1]]
+    assert sorted(i for share in short for idx in share for i in idx) == list(range(7))
+    assert all(len(share) == 1 and len(share[0]) <= 2 for share in short[1:])
+
+
+def test_first_step_log_probs_equal_the_cached_reference_bit_for_bit(tmp_path, sft_run, toy_pairs, monkeypatch):
+    """The policy starts as the reference, and the reference pass ran step 1's pairs joined exactly as
+    step 1 joins them (in bf16 another composition moves a response's sum by ~0.1 nats): the rows
+    are the same and the logged sums are the same floats, so DPO's first loss is exactly log 2."""
+    from tunebench.train import preference
+
+    seen = {"reference": [], "train": []}
+    original = preference.sequence_logps
+
+    def spy(model, batch, answer_only_logits):
+        seen["train" if torch.is_grad_enabled() else "reference"].append(batch["input_ids"].tolist())
+        return original(model, batch, answer_only_logits)
+
+    monkeypatch.setattr(preference, "sequence_logps", spy)
+    run = RunDir(tmp_path / "dpo")
+    # step 1 joins all four pairs (two micro-batches of two, in the run's shuffled order) into one row
+    train(pair_config(sft_run.root, toy_pairs, "train.max_steps=1", "train.step_tokens=1024"), run)
+    assert len(seen["train"]) == 1 and seen["train"][0] in seen["reference"]
+    first = metrics(run)[0]
+    assert first["logps_chosen"] == first["ref_logps_chosen"]
+    assert first["logps_rejected"] == first["ref_logps_rejected"]
+    assert first["loss"] == float(-torch.nn.functional.logsigmoid(torch.zeros(())))  # log 2 in float32

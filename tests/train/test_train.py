@@ -206,14 +206,14 @@ def test_answer_only_logits_refuses_models_that_rescale_logits():
                  num_attention_heads=2, num_key_value_heads=2)
     cohere = CohereForCausalLM(CohereConfig(logit_scale=0.5, **small))
     with pytest.raises(ConfigError, match="'cohere'"):
-        use_answer_only_logits(True, cohere, "lora", 1)
-    assert use_answer_only_logits(None, cohere, "lora", 1) is False  # auto: quietly off
+        use_answer_only_logits(True, cohere, "lora")
+    assert use_answer_only_logits(None, cohere, "lora") is False  # auto: quietly off
     llama = LlamaForCausalLM(LlamaConfig(**small))  # llm-jp-3's architecture
-    assert use_answer_only_logits(None, llama, "lora", 1) is True
-    assert use_answer_only_logits(None, llama, "prompt", 1) is False
-    assert use_answer_only_logits(False, llama, "lora", 1) is False
+    assert use_answer_only_logits(None, llama, "lora") is True
+    assert use_answer_only_logits(None, llama, "prompt") is False
+    assert use_answer_only_logits(False, llama, "lora") is False
     with pytest.raises(ConfigError, match="one process"):  # refused before any model is loaded
-        use_answer_only_logits(True, None, "prefix", 1)
+        use_answer_only_logits(True, None, "prefix")
 
 
 def test_step_tokens_runs_the_same_update_in_fewer_fuller_passes(tiny_model_dir):

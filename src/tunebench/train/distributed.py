@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from tunebench.train.wrapped import DecoderOrLM, inner
+
 
 class Dist:
     """What the training loop needs to know about the process group."""
@@ -35,10 +37,11 @@ class Dist:
         return self.rank == 0
 
     def wrap(self, model):
-        return self.accelerator.prepare_model(model) if self.accelerator else model
+        """DDP around DecoderOrLM(model), so answer-only logits still run inside DDP's forward."""
+        return self.accelerator.prepare_model(DecoderOrLM(model)) if self.accelerator else model
 
     def unwrap(self, model):
-        return self.accelerator.unwrap_model(model) if self.accelerator else model
+        return inner(model) if self.accelerator else model
 
     def sum(self, value: float) -> float:
         """Sum a number over ranks (for logging totals)."""

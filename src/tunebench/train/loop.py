@@ -64,10 +64,17 @@ class TrainState:
     scheduler: Any = None
     steps: int = 0
     start: int = 0
+    order: list[list[int]] = field(default_factory=list)  # micro-batch k of the run (row indices)
     base_model: str = ""  # what the saved adapter applies to (the SFT run's base when starting from one)
 
     def config_dict(self) -> dict:
         return asdict(self.config)
+
+    @property
+    def step_tokens(self) -> int | None:
+        """Token budget of a joined row; prefix/prompt tuning prepend virtual tokens to each row, so
+        their rows are never joined."""
+        return None if get_method(self.train.method).virtual_tokens else self.train.step_tokens
 
     @property
     def per_step(self) -> int:
@@ -90,8 +97,8 @@ class Window:
             self.sums[key] = self.sums.get(key, 0.0) + value
 
 
-def fit(state: TrainState, objective: Objective, order: list[list[int]]) -> None:
-    """Train from state.start to state.steps; `order` is the run's micro-batch order."""
+def fit(state: TrainState, objective: Objective) -> None:
+    """Train from state.start to state.steps in the run's micro-batch order (state.order)."""
     t, dist = state.train, state.dist
     trackers = Trackers(t.report_to, state.run.root, state.config_dict())
     window = Window()
@@ -99,7 +106,7 @@ def fit(state: TrainState, objective: Objective, order: list[list[int]]) -> None
                + ("" if objective.name == "sft" else f" {objective.name}"), unit="step", dynamic_ncols=True,
                disable=not dist.is_main)
     for step in range(state.start, state.steps):
-        grad_norm = train_step(state, objective, order[step * state.per_step : (step + 1) * state.per_step],
+        grad_norm = train_step(state, objective, state.order[step * state.per_step : (step + 1) * state.per_step],
                                window)
         done = step + 1
         if done % t.logging_steps == 0 or done == state.steps:
@@ -118,10 +125,8 @@ def train_step(state: TrainState, objective: Objective, step_batches: list[list[
     t, dist, rows, model = state.train, state.dist, state.rows, state.model
     # Normalise by the weight of the whole global batch, which every rank can count.
     weight = objective.weight([rows[i] for idx in step_batches for i in idx])
-    # prefix/prompt tuning prepend virtual tokens to each row, so their rows are never joined
-    step_tokens = None if get_method(t.method).virtual_tokens else t.step_tokens
     micro = objective.micro_batches([[rows[i] for i in idx] for idx in step_batches[dist.rank :: dist.world]],
-                                    state.tokenizer.pad_token_id, step_tokens)
+                                    state.tokenizer.pad_token_id, state.step_tokens)
     for k, (batch, real_tokens) in enumerate(micro):
         batch = {key: v.to(state.device) for key, v in batch.items()}
         with dist.no_sync(model, last=k == len(micro) - 1):

@@ -13,6 +13,7 @@ from tunebench.config_checks import answer_only_logits_refusal
 from tunebench.data.batches import pad_batch
 from tunebench.data.tokens import IGNORE
 from tunebench.errors import ConfigError
+from tunebench.train.wrapped import causal_lm, decoder_hidden
 
 # Model types whose logits are exactly the output layer on the decoder's last hidden state (Gemma
 # adds the soft-capping handled below). Others may rescale logits (Cohere's logit_scale, Granite's
@@ -30,14 +31,14 @@ def answer_tokens(row: dict) -> int:
     return sum(1 for label in row["labels"][1:] if label != IGNORE)
 
 
-def use_answer_only_logits(setting: bool | None, model, method: str, world: int) -> bool:
+def use_answer_only_logits(setting: bool | None, model, method: str) -> bool:
     """Resolve train.answer_only_logits for this model: null decides, true insists, false declines.
-    With model None (before loading) only the method and process count are checked."""
+    With model None (before loading) only the method is checked."""
     if setting is False:
         return False
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = causal_lm(model) if model is not None else None
     kind = getattr(getattr(causal, "config", None), "model_type", None)
-    why = answer_only_logits_refusal(method, world)
+    why = answer_only_logits_refusal(method)
     if why is None and model is not None and kind not in PLAIN_LOGITS:
         why = (f"it is verified only for model types {sorted(PLAIN_LOGITS)}; this model is '{kind}' "
                "(it may rescale its logits)")
@@ -82,8 +83,8 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], answer_only_logits: bo
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]
     if answer_only_logits:
-        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = causal.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        causal = causal_lm(model)
+        hidden = decoder_hidden(model, inputs)  # (B, T, H)
         targets = labels[:, 1:]
         keep = targets != IGNORE
         return chunked_cross_entropy(causal, hidden[:, :-1][keep], targets[keep])
@@ -119,8 +120,8 @@ def label_logprobs(model, batch: dict[str, torch.Tensor], answer_only_logits: bo
     keep = targets != IGNORE
     where = keep.flatten().nonzero().squeeze(1)
     if answer_only_logits:
-        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = causal.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
+        causal = causal_lm(model)
+        hidden = decoder_hidden(model, inputs)[:, :-1][keep]
         from torch.utils.checkpoint import checkpoint
 
         parts = [checkpoint(head_token_logps, causal, hidden[i : i + chunk], targets[keep][i : i + chunk],

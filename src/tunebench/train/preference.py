@@ -137,25 +137,59 @@ class Preference:
         return {key: value / max(weight, 1) for key, value in sums.items()}
 
 
+def reference_shares(order: list[list[int]], per_step: int, world: int, n_rows: int, batch_size: int
+                     ) -> list[list[list[int]]]:
+    """The micro-batches (lists of pair indices) the reference pass runs, one list per forward group.
+
+    Each pair is first met in a training step, as part of one rank's share of it; the reference pass
+    runs that share exactly as the step will (same pairs joined into the same rows), so in bf16 the
+    policy's log-probs at that step equal the reference's bit for bit while they are the same model:
+    DPO's first loss is log 2, not log 2 plus the noise of another batch composition. Pairs the run
+    never reaches (max_steps shorter than an epoch) follow in plain batches.
+    """
+    seen: set[int] = set()
+    shares: list[list[list[int]]] = []
+    for start in range(0, len(order), per_step):
+        step = order[start : start + per_step]
+        for rank in range(world):
+            share = step[rank::world]
+            if any(i not in seen for idx in share for i in idx):
+                shares.append(share)
+                seen.update(i for idx in share for i in idx)
+        if len(seen) == n_rows:
+            break
+    rest = [i for i in range(n_rows) if i not in seen]
+    shares += [[rest[i : i + batch_size]] for i in range(0, len(rest), batch_size)]
+    return shares
+
+
 @torch.no_grad()
-def compute_reference(model, rows: list[dict], batch_size: int, pad_id: int, step_tokens: int | None, device,
-                      autocast, answer_only_logits: bool) -> list[list[float]]:
-    """[chosen, rejected] summed log-probs of every pair under `model` as it is now (eval mode)."""
+def compute_reference(model, rows: list[dict], shares: list[list[list[int]]], pad_id: int, step_tokens: int | None,
+                      device, autocast, answer_only_logits: bool) -> list[list[float]]:
+    """[chosen, rejected] summed log-probs of every pair under `model` as it is now (eval mode), each
+    computed in the micro-batch composition of its share (see reference_shares); the first value
+    computed for a pair is kept."""
     model.eval()
-    out: list[list[float]] = []
-    for i in range(0, len(rows), batch_size):
-        for batch, _ in pair_micro_batches([rows[i : i + batch_size]], pad_id, step_tokens):
+    out: list[list[float] | None] = [None] * len(rows)
+    for share in shares:
+        flat = [i for idx in share for i in idx]
+        values: list[list[float]] = []
+        for batch, _ in pair_micro_batches([[rows[i] for i in idx] for idx in share], pad_id, step_tokens):
             batch = {k: v.to(device) for k, v in batch.items() if k != "reference"}
             with autocast():
                 sums, _ = sequence_logps(model, batch, answer_only_logits)
-            out += sums.view(-1, 2).float().cpu().tolist()
+            values += sums.view(-1, 2).float().cpu().tolist()
+        for i, value in zip(flat, values):
+            if out[i] is None:
+                out[i] = value
     model.train()
     return out
 
 
 def attach_reference(state, key: str) -> None:
     """Give every pair row its reference log-probs: from the run's cache when it matches `key`
-    (data fingerprint + starting point), else computed now by the starting model and cached."""
+    (data fingerprint + starting point), else computed now by the starting model, in the composition
+    the run's steps will train each pair in (state.order), and cached."""
     path = state.run.data_dir / REFERENCE_FILE
     cached = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     if cached.get("key") == key and len(cached.get("logps", [])) == len(state.rows):
@@ -164,8 +198,10 @@ def attach_reference(state, key: str) -> None:
     else:
         t = state.train
         model = state.dist.unwrap(state.model)
-        logps = compute_reference(model, state.rows, t.per_device_train_batch_size, state.tokenizer.pad_token_id,
-                                  t.step_tokens, state.device, state.autocast, t.answer_only_logits)
+        shares = reference_shares(state.order, state.per_step, state.dist.world, len(state.rows),
+                                  t.per_device_train_batch_size)
+        logps = compute_reference(model, state.rows, shares, state.tokenizer.pad_token_id, state.step_tokens,
+                                  state.device, state.autocast, t.answer_only_logits)
         if state.dist.is_main:
             write_json_atomic(path, {"key": key, "logps": logps})
         log.info("reference log-probs: computed for %d pairs by the starting model, cached in %s", len(logps), path)

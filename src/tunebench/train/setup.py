@@ -52,7 +52,7 @@ def autocast_for(dtype: torch.dtype) -> Callable:
 
 def resolve_levers(t: TrainConfig, model, device: torch.device, world: int) -> TrainConfig:
     """The two automatic levers, decided once for this model and machine (recorded in the log)."""
-    t = replace(t, answer_only_logits=use_answer_only_logits(t.answer_only_logits, model, t.method, world),
+    t = replace(t, answer_only_logits=use_answer_only_logits(t.answer_only_logits, model, t.method),
                 offload_frozen=use_offload(t.offload_frozen, model, t.method, t.gradient_checkpointing, device,
                                            world))
     log.info("answer_only_logits: %s, offload_frozen: %s", t.answer_only_logits, t.offload_frozen)

@@ -121,11 +121,7 @@ def train(config: Config, run: RunDir, resume: bool = False, allow_contamination
     set_seed(t.seed)
     state = setup(resolve_start(config), run, resume, allow_contamination, prepared)
     objective = SFT() if t.objective == "sft" else Preference(state.train)
-    # Micro-batch k of the run is the same whatever the number of processes: with a global batch of
-    # accum × world micro-batches per step, rank r takes every world-th one, so a checkpoint
-    # resumes on another number of GPUs when accum × world is unchanged.
-    order = micro_batch_order(len(state.rows), t.per_device_train_batch_size, t.seed, state.steps * state.per_step)
-    fit(state, objective, order)
+    fit(state, objective)
     return finish(state)
 
 
@@ -150,6 +146,10 @@ def setup(start: StartPoint, run: RunDir, resume: bool, allow_contamination: boo
                        tokenizer=tokenizer, rows=rows, eval_rows=read_token_rows(run.data_dir / "eval.jsonl"),
                        data_fingerprint=summary.fingerprint, model=model, base_model=start.base_model)
     state.steps = total_steps(config, len(rows), dist.world)
+    # Micro-batch k of the run is the same whatever the number of processes: with a global batch of
+    # accum × world micro-batches per step, rank r takes every world-th one, so a checkpoint
+    # resumes on another number of GPUs when accum × world is unchanged.
+    state.order = micro_batch_order(len(rows), t.per_device_train_batch_size, t.seed, state.steps * state.per_step)
     if t.objective == "dpo":
         attach_reference(state, reference_key(start, summary.fingerprint, dtype))
     build_optimizer(state)
