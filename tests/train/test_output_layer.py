@@ -128,3 +128,31 @@ def test_answer_only_sft_loss_and_dpo_logps_use_the_blockwise_head(tiny_model_di
             scale = float(grads_a[name].abs().max())
             torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-10, atol=1e-10 * scale,
                                        msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_under_autocast_logits_are_in_the_autocast_dtype(cap):
+    """Under bf16 autocast the logits are bf16 as on the plain path (the same values to fp32
+    rounding, where fp32 logits would differ by bf16's ~4e-3), the softmax fp32, and the gradients
+    come back in the inputs' dtype, though autocast does not reach a custom Function's backward."""
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(64, 1000, bias=False)
+    hidden = torch.randn(37, 64, generator=gen)
+    targets = torch.randint(0, 1000, (37,), generator=gen)
+
+    def plain(h, x, t):
+        logits = h(x)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.log_softmax(logits.float(), dim=-1).gather(1, t[:, None]).squeeze(1)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_grads = values_and_grads(plain, head, hidden, targets)
+        got, got_grads = values_and_grads(lambda h, x, t: linear_label_logprobs(h, x, t, cap, 300), head, hidden,
+                                          targets)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for name in want_grads:  # the plain path rounds grad_h to bf16; the blockwise one sums it in fp32
+        assert got_grads[name].dtype == torch.float32
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=0,
+                                   atol=2e-2 * float(want_grads[name].abs().max()))

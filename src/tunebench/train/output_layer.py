@@ -45,6 +45,12 @@ def capped_logits(hidden, weight, bias, cap, start, stop, dtype):
     return squashed * cap, squashed
 
 
+def in_block(targets, start, stop):
+    """(whether each target lies in [start, stop), its column there, clamped into range for the
+    rows outside): gather/scatter with a mask instead of boolean indexing, which syncs a GPU."""
+    return (targets >= start) & (targets < stop), (targets - start).clamp(0, stop - start - 1)
+
+
 class LinearLabelLogprobs(torch.autograd.Function):
     """(N,) log softmax(cap·tanh((h Wᵀ + b)/cap))[target] for h (N, H), W (V, H), b (V,) or None."""
 
@@ -65,8 +71,9 @@ class LinearLabelLogprobs(torch.autograd.Function):
                 running_sum = (running_sum * torch.exp(running_max - new_max)
                                + torch.exp(logits - new_max[:, None]).sum(dim=1))
                 running_max = new_max
-                inside = (targets >= start) & (targets < stop)
-                target_logit[inside] = logits[inside, targets[inside] - start]
+                inside, column = in_block(targets, start, stop)
+                picked = logits.gather(1, column[:, None]).squeeze(1)
+                target_logit = torch.where(inside, picked, target_logit)
             logsumexp = running_max + torch.log(running_sum)
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
         ctx.cap, ctx.dtype, ctx.block = cap, dtype, block
@@ -89,8 +96,8 @@ class LinearLabelLogprobs(torch.autograd.Function):
                 logits, squashed = capped_logits(h, weight, bias, cap, start, stop, dtype)
                 # d logprob / d logit_j = onehot_j − softmax_j, scaled by the incoming gradient
                 grad_logits = torch.exp(logits.to(acc) - logsumexp[:, None]) * -g[:, None]
-                inside = (targets >= start) & (targets < stop)
-                grad_logits[inside, targets[inside] - start] += g[inside]
+                inside, column = in_block(targets, start, stop)
+                grad_logits.scatter_add_(1, column[:, None], torch.where(inside, g, 0)[:, None])
                 if squashed is not None:  # d cap·tanh(z/cap) / dz = 1 − tanh²(z/cap)
                     grad_logits = grad_logits * (1 - squashed.to(acc) ** 2)
                 grad_z = grad_logits.to(dtype)
