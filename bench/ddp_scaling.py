@@ -48,6 +48,7 @@ def run_variant(case: str, variant: str, steps: int, seq: int, out: Path) -> dic
     config = case_config(case, steps, seq, [f"train.gradient_accumulation_steps={accum}", *SAME_EVERYWHERE])
     run = RunDir(out / f"{case}-{variant}")
     prepare_case(config, run)
+    out.mkdir(parents=True, exist_ok=True)
     path = out / f"{case}-{variant}.yaml"
     dump_config(config, path)
     start = time.time()

@@ -106,7 +106,7 @@ class TrainConfig:
     kbit_upcast: bool = option(False, help="qlora: upcast non-quantised weights to fp32 "
                                "(peft's prepare_model_for_kbit_training); false keeps them bf16")
     answer_only_logits: bool | None = option(
-        None, help="compute vocabulary logits only where a label is predicted, 1,024 positions at a time; "
+        None, help="compute vocabulary logits only where a label is predicted, blockwise over the vocabulary (about 64 MiB of logits at a time); "
         "null (auto): on for the model types it is verified for (train/loss.py PLAIN_LOGITS) with lora, qlora "
         "or full (also under DDP); true insists (and says why where it cannot), false never")
     offload_frozen: bool | None = option(

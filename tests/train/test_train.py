@@ -249,16 +249,18 @@ def test_step_tokens_runs_the_same_update_in_fewer_fuller_passes(tiny_model_dir)
     assert_same_to_fp64_rounding(loss_a, loss_b, grads_a, grads_b)
 
 
-def test_chunked_cross_entropy_equals_one_pass(tiny_model_dir):
+def test_checkpointed_label_logprobs_equal_one_pass(tiny_model_dir):
+    """The fallback for output layers that are not a plain nn.Linear (e.g. peft-wrapped)."""
     from transformers import AutoModelForCausalLM
 
-    from tunebench.train.loss import chunked_cross_entropy, head_loss
+    from tunebench.train.loss import checkpointed_label_logprobs, module_label_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
     hidden = torch.randn(10, model.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     targets = torch.randint(0, 1000, (10,), generator=torch.Generator().manual_seed(1))
     results = []
-    for fn in (lambda: head_loss(model, hidden, targets), lambda: chunked_cross_entropy(model, hidden, targets, chunk=3)):
+    for fn in (lambda: -module_label_logprobs(model, hidden, targets).sum(),
+               lambda: -checkpointed_label_logprobs(model, hidden, targets, chunk=3).sum()):
         model.zero_grad()
         loss = fn()
         loss.backward()

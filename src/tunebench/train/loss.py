@@ -13,6 +13,7 @@ from tunebench.config_checks import answer_only_logits_refusal
 from tunebench.data.batches import pad_batch
 from tunebench.data.tokens import IGNORE
 from tunebench.errors import ConfigError
+from tunebench.train.output_layer import linear_label_logprobs
 from tunebench.train.wrapped import causal_lm, decoder_hidden
 
 # Model types whose logits are exactly the output layer on the decoder's last hidden state (Gemma
@@ -52,33 +53,49 @@ def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def head_loss(causal, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return head_loss_each(causal, hidden, targets, "sum")
+def head_label_logprobs(causal, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) log-prob of each target under the output layer (with Gemma's soft-capping) on (N, H)
+    hidden states, never holding vocabulary-wide logits for all N rows at once.
 
-
-def chunked_cross_entropy(causal, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Summed cross-entropy of the output layer on (N, H) hidden states, `chunk` rows at a time.
-
-    Each chunk's logits are recomputed in the backward pass instead of kept, so at most one chunk of
-    vocabulary-wide logits (and its gradient) exists at once, however many answer tokens there are.
+    A plain nn.Linear head (the normal case: peft's "all-linear" leaves lm_head out, and
+    bitsandbytes keeps it unquantised) goes through output_layer.linear_label_logprobs, blockwise
+    over the vocabulary. Anything else (a peft-wrapped or quantised head, one with hooks that move
+    or change its weight) must be called as a module, so it falls back to checkpointed row chunks.
     """
+    head = causal.get_output_embeddings()
+    cap = getattr(causal.config, "final_logit_softcapping", None)
+    if type(head) is torch.nn.Linear and not (head._forward_hooks or head._forward_pre_hooks
+                                               or hasattr(head, "_hf_hook")):
+        return linear_label_logprobs(head, hidden, targets, cap)
+    return checkpointed_label_logprobs(causal, hidden, targets)
+
+
+def checkpointed_label_logprobs(causal, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """The fallback of head_label_logprobs: `chunk` rows of full logits at a time, recomputed in the
+    backward pass instead of kept (one chunk is chunk × vocabulary logits and their gradient)."""
     if len(hidden) <= chunk:
-        return head_loss(causal, hidden, targets)
+        return module_label_logprobs(causal, hidden, targets)
     from torch.utils.checkpoint import checkpoint
 
-    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    for start in range(0, len(hidden), chunk):
-        total = total + checkpoint(head_loss, causal, hidden[start : start + chunk], targets[start : start + chunk],
-                                   use_reentrant=False)
-    return total
+    return torch.cat([checkpoint(module_label_logprobs, causal, hidden[i : i + chunk], targets[i : i + chunk],
+                                 use_reentrant=False) for i in range(0, len(hidden), chunk)])
+
+
+def module_label_logprobs(causal, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probs of targets from full logits of the output layer called as a module (soft-capped)."""
+    logits = causal.get_output_embeddings()(hidden)
+    cap = getattr(causal.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return -F.cross_entropy(at_least_fp32(logits), targets, reduction="none")
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], answer_only_logits: bool = False) -> torch.Tensor:
     """Sum of next-token cross-entropy over labelled positions.
 
     answer_only_logits: run the decoder, then the output layer only on the hidden states that
-    predict a labelled token (N of B×T), so prompt positions never get vocabulary-wide logits, and
-    only 1,024 of those at a time (chunked_cross_entropy).
+    predict a labelled token (N of B×T), blockwise over the vocabulary (head_label_logprobs), so no
+    position's vocabulary-wide logits are ever held whole.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]
@@ -87,33 +104,20 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], answer_only_logits: bo
         hidden = decoder_hidden(model, inputs)  # (B, T, H)
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        return chunked_cross_entropy(causal, hidden[:, :-1][keep], targets[keep])
+        return -head_label_logprobs(causal, hidden[:, :-1][keep], targets[keep]).sum()
     logits = model(**inputs, use_cache=False).logits
     logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens to the logits
     return F.cross_entropy(at_least_fp32(logits[:, :-1].flatten(0, 1)), labels[:, 1:].flatten(),
                            ignore_index=IGNORE, reduction="sum")
 
 
-def head_token_logps(causal, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -head_loss_each(causal, hidden, targets)
-
-
-def head_loss_each(causal, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
-    """Cross-entropy of the output layer (with Gemma's soft-capping) on (N, H) hidden states."""
-    logits = causal.get_output_embeddings()(hidden)
-    cap = getattr(causal.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(at_least_fp32(logits), targets, reduction=reduction)
-
-
-def label_logprobs(model, batch: dict[str, torch.Tensor], answer_only_logits: bool = False,
-                   chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def label_logprobs(model, batch: dict[str, torch.Tensor], answer_only_logits: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of each labelled token, its row-major position index) for a batch.
 
     With answer_only_logits the output layer runs only on the hidden states that predict a label,
-    `chunk` rows at a time and recomputed in backward, as for the SFT loss: the sum of a response's
-    label log-probs never needs vocabulary-wide logits at prompt positions.
+    blockwise over the vocabulary as for the SFT loss (head_label_logprobs): a response's label
+    log-probs never need vocabulary-wide logits at prompt positions, nor whole ones anywhere.
     """
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     targets = batch["labels"][:, 1:]
@@ -122,11 +126,7 @@ def label_logprobs(model, batch: dict[str, torch.Tensor], answer_only_logits: bo
     if answer_only_logits:
         causal = causal_lm(model)
         hidden = decoder_hidden(model, inputs)[:, :-1][keep]
-        from torch.utils.checkpoint import checkpoint
-
-        parts = [checkpoint(head_token_logps, causal, hidden[i : i + chunk], targets[keep][i : i + chunk],
-                            use_reentrant=False) for i in range(0, len(hidden), chunk)]
-        return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), where
+        return head_label_logprobs(causal, hidden, targets[keep]), where
     logits = model(**inputs, use_cache=False).logits[:, :-1][keep]
     return -F.cross_entropy(at_least_fp32(logits), targets[keep], reduction="none"), where
 
