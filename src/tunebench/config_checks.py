@@ -57,7 +57,8 @@ def answer_only_logits_refusal(method: str, world: int) -> str | None:
     """Why train.answer_only_logits cannot run with this method and process count (None: it can)."""
     if get_method(method).virtual_tokens or world > 1:
         return ("it works with lora, qlora and full on one process (it calls the decoder directly, past "
-                "peft's virtual tokens and DDP's hooks)")
+                "peft's virtual tokens and DDP's hooks, and under FSDP past the root's unsharding of the "
+                "embeddings and output layer)")
     return None
 
 
@@ -77,6 +78,9 @@ def combination_problems(config: Config, world_size: int) -> list[str]:
     if config.data.packing and get_method(t.method).virtual_tokens:
         problems.append("'data.packing' cannot be combined with prefix or prompt tuning (train.method): "
                         "virtual tokens would be shared across packed examples")
+    if t.sharding == "fsdp" and get_method(t.method).virtual_tokens:
+        problems.append(f"'train.sharding' fsdp works with lora, qlora and full, not {t.method} (peft reads the "
+                        "virtual-token embeddings outside the sharded forward; they are small: use sharding: none)")
     if t.answer_only_logits and (why := answer_only_logits_refusal(t.method, world_size)):
         problems.append(f"'train.answer_only_logits': {why}; set it to false or leave it null")
     if t.offload_frozen and (why := offload_refusal(t.method, t.gradient_checkpointing, world_size)):

@@ -101,8 +101,10 @@ def load_model(config: Config, dist: Dist, device: torch.device, dtype: torch.dt
     returns (model, train config)."""
     t = config.train
     method = get_method(t.method)
-    model = load_base_model(config.model, dtype if method.peft else torch.float32,
-                            quantize_4bit=method.quantized, device=device)
+    # Full fine-tuning keeps fp32 weights (autocast computes in bf16); fp64 when asked (exactness checks).
+    weights = dtype if method.peft or dtype == torch.float64 else torch.float32
+    model = load_base_model(config.model, weights, quantize_4bit=method.quantized, device=device,
+                            sharded=dist.sharded)
     if adapter is not None and not method.peft:  # full training goes on from the merged SFT model
         from peft import PeftModel
 

@@ -1,0 +1,97 @@
+"""FSDP2 sharding (`train.sharding: fsdp`): weights, gradients and optimizer state split across processes.
+
+`torch.distributed.fsdp.fully_shard` is applied to every decoder layer, then to the root (the peft
+model or the causal LM): a layer's weights are gathered just before it runs and freed after, so a
+process holds 1/N of the model plus one layer at a time. It is called directly rather than through
+accelerate's FSDP plugin: the same calls run on CUDA/NCCL and on CPU/gloo (the tests), the optimizer
+is built afterwards over the sharded parameters like any other, and nothing else of the loop changes.
+
+Parameters stay in the dtype they were loaded in (no MixedPrecisionPolicy): full fine-tuning keeps
+fp32 weights, gradients and AdamW state, and the loop's bf16 autocast does the compute, exactly as
+on one GPU. Frozen and trainable parameters may share a layer (LoRA): FSDP2 only needs the trainable
+ones of a layer to share a dtype.
+
+Checkpoints and the saved adapter/model hold whole tensors (gathered here, written by rank 0), so
+they are the files a single process writes, and a checkpoint resumes on any number of processes,
+sharded or not: `shard_like` cuts each whole tensor back into this process's shard.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: modules of the classes transformers lists as never to be
+    split across devices (`_no_split_modules`: LlamaDecoderLayer, Gemma3DecoderLayer, ...)."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(causal, "_no_split_modules", None) or [])
+    layers = [module for module in causal.modules() if type(module).__name__ in names]
+    if not layers:
+        from tunebench.errors import ConfigError
+
+        raise ConfigError(f"train.sharding fsdp: {type(causal).__name__} names no decoder layer class "
+                          "(_no_split_modules); use train.sharding: none")
+    return layers
+
+
+def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """fully_shard each decoder layer, then the root, over all `world` processes (in place)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    log.info("fsdp: %d decoder layers and the root sharded over %d processes", len(layers), world)
+    return model
+
+
+def is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard (a collective: every process must call it, in the same order)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's shard of `full`, placed as the sharded `like` is (`full` itself when `like` is a
+    plain tensor or has another shape, e.g. Adam's step count). Every process holds `full`: no
+    communication."""
+    if not is_sharded(like) or full.shape != like.shape:
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def whole_state_dict(model: nn.Module, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """model.state_dict() (only `keys` when given) with every shard gathered, on the CPU. Under FSDP a
+    collective: every process calls it; each gets the same tensors. Tied weights (one tensor under two
+    names, e.g. Gemma's embedding and output layer) stay one tensor, so save_pretrained drops the copy as
+    it does for the model itself."""
+    gathered: dict[int, torch.Tensor] = {}
+    out = {}
+    for key, value in model.state_dict(keep_vars=True).items():  # the parameters: a tied one is one object
+        if keys is None or key in keys:
+            if id(value) not in gathered:
+                gathered[id(value)] = whole(value.detach()).contiguous().cpu()
+            out[key] = gathered[id(value)]
+    return out
+
+
+def total_norm(norm: torch.Tensor) -> float:
+    """clip_grad_norm_'s result as a number: over sharded gradients it is a replicated DTensor holding
+    the norm of the whole gradient (each shard's squares summed over processes)."""
+    return float(whole(norm).item())
