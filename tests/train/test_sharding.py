@@ -117,3 +117,19 @@ def test_qlora_sharded_stores_4bit_weights_in_the_compute_dtype():
     assert sharded.bnb_4bit_quant_storage == torch.bfloat16 == sharded.bnb_4bit_compute_dtype
     assert sharded.bnb_4bit_quant_type == "nf4" and sharded.bnb_4bit_use_double_quant
     assert BitsAndBytesConfig(**bnb_4bit_arguments(torch.bfloat16)).bnb_4bit_quant_storage == torch.uint8
+
+
+def test_a_sharded_model_computing_other_logits_is_refused():
+    """The probe run before and after sharding: rounding passes, a changed weight or a NaN does not."""
+    from tunebench.train.sharding import check_same_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 16, 100)
+    check_same_logits(logits, logits + 1e-6 * torch.randn_like(logits))
+    corrupted = logits.clone()
+    corrupted[0, 3] *= 1.5
+    with pytest.raises(ConfigError, match="use train.sharding: none"):
+        check_same_logits(logits, corrupted)
+    corrupted[0, 3, 0] = float("nan")
+    with pytest.raises(ConfigError, match="relative difference nan"):
+        check_same_logits(logits, corrupted)

@@ -41,17 +41,60 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
-    """fully_shard each decoder layer, then the root, over all `world` processes (in place)."""
+    """fully_shard each decoder layer, then the root, over all `world` processes (in place), and check
+    that the sharded model computes what the whole one did."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    keep_4bit_quant_state(model)
+    before = probe_logits(model, device)
     mesh = init_device_mesh(device.type, (world,))
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    check_same_logits(before, probe_logits(model, device))
     log.info("fsdp: %d decoder layers and the root sharded over %d processes", len(layers), world)
     return model
+
+
+def keep_4bit_quant_state(model: nn.Module) -> None:
+    """FSDP2 gathers a 4-bit weight back as a plain parameter, without the quantisation state bitsandbytes
+    keeps on it; bitsandbytes' Linear4bit then restores the state from its module
+    (fix_4bit_weight_quant_state_from_module), so make sure every such module holds it."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(module, "quant_state", None) is None:
+            module.quant_state = state
+
+
+PROBE_TOKENS = 16
+
+
+@torch.no_grad()
+def probe_logits(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """Logits of a fixed short input (eval mode: no dropout), the same on every process."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ids = torch.arange(1, PROBE_TOKENS + 1, device=device).unsqueeze(0) % causal.config.vocab_size
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids=ids, use_cache=False).logits.float().cpu()
+    model.train(was_training)
+    return logits
+
+
+def check_same_logits(whole_model: torch.Tensor, sharded_model: torch.Tensor, tolerance: float = 1e-2) -> None:
+    """Refuse a sharded model that computes other logits than the same weights unsharded. Rounding
+    differs by far less than 1e-2 (relative); a weight changed on the way through the shards does not:
+    bitsandbytes reports 4-bit weights packed into bf16 whose bit patterns read as NaN being rewritten by
+    FSDP2 (bitsandbytes issue 1945)."""
+    from tunebench.errors import ConfigError
+
+    difference = float((whole_model - sharded_model).norm() / whole_model.norm().clamp_min(1e-12))
+    if not difference < tolerance:  # NaN too
+        raise ConfigError(f"train.sharding fsdp: the sharded model's logits differ from the unsharded model's "
+                          f"(relative difference {difference:.2e}); the weights did not survive sharding "
+                          "(for qlora, a known FSDP2 and bitsandbytes problem): use train.sharding: none")
 
 
 def is_sharded(tensor) -> bool:
