@@ -39,7 +39,12 @@ LLMJP_13B = dict(vocab_size=99487, hidden_size=5120, num_hidden_layers=40, num_a
 
 
 def build_random_13b(path: Path) -> None:
-    """Random llm-jp-3-13b-shaped Llama in bf16, built on the GPU and saved once per machine.
+    """Random llm-jp-3-13b-shaped Llama in bf16 (build_random)."""
+    build_random(path, LLMJP_13B)
+
+
+def build_random(path: Path, shape: dict, device: str = "cuda") -> None:
+    """Random Llama of `shape` (LlamaConfig arguments) in bf16, built on the GPU and saved once per machine.
 
     Every weight is drawn explicitly (seeded normal, std 0.02; norms 1) and checked finite before
     saving, so the benchmark never depends on how a transformers version initialises a model
@@ -51,10 +56,10 @@ def build_random_13b(path: Path) -> None:
 
     start = time.time()
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**LLMJP_13B))
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**shape))
     torch.set_default_dtype(torch.float32)
-    generator = torch.Generator(device="cuda").manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim >= 2:
@@ -65,8 +70,24 @@ def build_random_13b(path: Path) -> None:
                 raise RuntimeError(f"non-finite values in {name}")
     model.save_pretrained(path, safe_serialization=True)
     del model
-    torch.cuda.empty_cache()
-    print(f"built random 13B at {path} in {time.time() - start:.0f}s", flush=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    print(f"built random {shape['hidden_size']}-wide × {shape['num_hidden_layers']}-layer Llama at {path} "
+          f"in {time.time() - start:.0f}s", flush=True)
+
+
+def prepare_folded(config, run: RunDir, vocab_size: int) -> None:
+    """Run the data stage with the borrowed tokenizer and fold its ids into `vocab_size`; a later
+    train() (or `tunebench train`) with the same data settings reuses these rows."""
+    tokenizer = load_tokenizer(config.model)
+    prepare(config, run, tokenizer, config.model.tokenizer or config.model.name_or_path)
+    path = run.data_dir / "train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    with path.open("w") as handle:
+        for row in rows:
+            row["input_ids"] = [i % vocab_size for i in row["input_ids"]]
+            row["labels"] = [i if i == -100 else i % vocab_size for i in row["labels"]]
+            handle.write(json.dumps(row) + "\n")
 
 
 def run_case(name: str, steps: int, seq: int, out: Path, extra: list[str] = ()) -> dict:
@@ -84,15 +105,7 @@ def run_case(name: str, steps: int, seq: int, out: Path, extra: list[str] = ()) 
     label = name + "".join(f"+{e.split('.')[-1]}" for e in extra)
     run = RunDir(out / f"{label}-{seq}")
     if model == "llmjp13b":  # fold ids into the 13B vocabulary; prepare() then reuses these rows
-        tokenizer = load_tokenizer(config.model)
-        prepare(config, run, tokenizer, config.model.tokenizer or config.model.name_or_path)
-        path = run.data_dir / "train.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        with path.open("w") as handle:
-            for row in rows:
-                row["input_ids"] = [i % LLMJP_13B["vocab_size"] for i in row["input_ids"]]
-                row["labels"] = [i if i == -100 else i % LLMJP_13B["vocab_size"] for i in row["labels"]]
-                handle.write(json.dumps(row) + "\n")
+        prepare_folded(config, run, LLMJP_13B["vocab_size"])
     torch.cuda.reset_peak_memory_stats()
     start = time.time()
     train(config, run)

@@ -74,6 +74,13 @@ class Dist:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         return float(self.accelerator.reduce(tensor, reduction="sum").item())
 
+    def each(self, value: float) -> list[float]:
+        """A number from every rank, in rank order (per-GPU figures for the log)."""
+        if not self.accelerator:
+            return [value]
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return [float(v) for v in self.accelerator.gather(tensor).tolist()]
+
     def barrier(self) -> None:
         if self.accelerator:
             self.accelerator.wait_for_everyone()

@@ -154,6 +154,8 @@ def log_window(state: TrainState, objective: Objective, window: Window, done: in
               "epoch": done * state.per_step * state.train.per_device_train_batch_size / len(state.rows)}
     if state.device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(state.device) / 2**30
+        if dist.world > 1:  # sharded, the ranks' peaks differ a little (uneven shards, rank 0's saves)
+            record["peak_memory_gib_per_rank"] = dist.each(record["peak_memory_gib"])
     if state.train.eval_steps is None and state.eval_rows and done == state.steps and dist.gathers:
         record["eval_loss"] = eval_loss(state)
     if dist.is_main:
