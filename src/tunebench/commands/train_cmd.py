@@ -15,7 +15,9 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a base model on the config's data; leaves adapter/ (or model/) in the run directory.",
         epilog="examples:\n  tunebench train configs/quickstart.yaml --set train.max_steps=10\n"
-               "  tunebench train configs/llm-jp-3-13b-qlora.yaml --resume   # continue after a crash")
+               "  tunebench train configs/llm-jp-3-13b-qlora.yaml --resume   # continue after a crash\n"
+               "  tunebench train configs/llm-jp-3-13b-qlora.yaml --gpus 2 --set train.sharding=fsdp   # 4-bit weights "
+               "split over 2 GPUs")
     add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     train.add_argument("--allow-contamination", action="store_true",

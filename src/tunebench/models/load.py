@@ -66,6 +66,8 @@ def load_base_model(config: ModelConfig, dtype: torch.dtype, quantize_4bit: bool
 
         kwargs["quantization_config"] = BitsAndBytesConfig(**bnb_4bit_arguments(dtype, sharded))
         kwargs["device_map"] = {"": device.index or 0}
+    elif sharded and device.type == "cuda":  # straight onto the GPU: N processes, not N fp32 copies in host memory
+        kwargs["device_map"] = {"": device.index or 0}
     path = resolve_model_path(config.name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
