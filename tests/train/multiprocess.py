@@ -26,6 +26,11 @@ def losses(root):
     return [json.loads(line)["loss"] for line in (root / "metrics.jsonl").read_text().splitlines()]
 
 
+def grad_norms(root):
+    """The logged norms of the whole gradient, before clipping (the runs clip at 1.0)."""
+    return [json.loads(line)["grad_norm"] for line in (root / "metrics.jsonl").read_text().splitlines()]
+
+
 def adapter(root):
     return load_file(str(root / "adapter" / "adapter_model.safetensors"))
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from tests.train.multiprocess import adapter, assert_same_adapter, full_model, losses, write_config
+from tests.train.multiprocess import adapter, assert_same_adapter, full_model, grad_norms, losses, write_config
 from tunebench.cli import main
 from tunebench.config import load_config
 from tunebench.config_checks import config_problems
@@ -40,6 +40,7 @@ def test_fsdp_lora_matches_one_process_and_resumes_its_checkpoint(tmp_path, tiny
     assert err.count("trainable of") == 1, "rank 1 logged at INFO level"
 
     assert losses(sharded) == pytest.approx(losses(single), rel=1e-9)
+    assert grad_norms(sharded) == pytest.approx(grad_norms(single), rel=1e-9)  # clipped by the whole norm
     assert_same_adapter(adapter(single), adapter(sharded))
     # the adapter rank 0 gathered is the one a single process writes, and plain peft loads it
     assert adapter_config(sharded) == adapter_config(single)
@@ -70,6 +71,7 @@ def test_fsdp_full_fine_tuning_matches_one_process_and_its_checkpoint_resumes_on
     assert main(["train", str(write_config(tmp_path, tiny_model_dir, 1, method="full", sharding="fsdp")),
                  "--run-dir", str(sharded), "--gpus", "2"]) == 0
     assert losses(sharded) == pytest.approx(losses(single), rel=1e-9)
+    assert grad_norms(sharded) == pytest.approx(grad_norms(single), rel=1e-9)
     weights = full_model(single)
     assert_same_adapter(weights, full_model(sharded))
     assert (json.loads((sharded / "model" / "config.json").read_text())
@@ -93,6 +95,10 @@ def test_fsdp_refusals_come_all_at_once(tmp_path):
     assert [p.split(":")[0] for p in problems] == ["'train.answer_only_logits'", "'train.offload_frozen'"]
     assert "FSDP" in problems[0]
     assert config_problems(config, world_size=1) == []  # one process: nothing to shard, both levers work
+
+    dpo_full = load_config(None, ["train.method=full", "train.sharding=fsdp", "train.objective=dpo"])
+    assert [p.split(" with")[0] for p in config_problems(dpo_full, world_size=2)] == ["'train.sharding' fsdp"]
+    assert config_problems(dpo_full, world_size=1) == []
 
 
 def test_fsdp_with_one_process_trains_unsharded(tmp_path, tiny_model_dir, lora_reference, caplog):

@@ -63,6 +63,14 @@ class Dist:
             return shard_model(model, self.device, self.world)
         return self.accelerator.prepare_model(model) if self.accelerator else model
 
+    def before_step(self, model) -> None:
+        """Sharded, start each optimizer step from the sharded state, whatever forward passes without a
+        backward came before (train/sharding.py: reshard)."""
+        if self.sharded:
+            from tunebench.train.sharding import reshard
+
+            reshard(model)
+
     def unwrap(self, model):
         # FSDP2 shards in place: the sharded model is the peft/transformers model itself
         return self.accelerator.unwrap_model(model) if self.accelerator and not self.sharded else model

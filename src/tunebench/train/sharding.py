@@ -54,6 +54,7 @@ def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     check_same_logits(before, probe_logits(model, device))
+    reshard(model)
     log.info("fsdp: %d decoder layers and the root sharded over %d processes", len(layers), world)
     return model
 
@@ -95,6 +96,18 @@ def check_same_logits(whole_model: torch.Tensor, sharded_model: torch.Tensor, to
         raise ConfigError(f"train.sharding fsdp: the sharded model's logits differ from the unsharded model's "
                           f"(relative difference {difference:.2e}); the weights did not survive sharding "
                           "(for qlora, a known FSDP2 and bitsandbytes problem): use train.sharding: none")
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP unit of `model` back in its sharded state. A forward pass without a backward (the
+    probe, eval loss, DPO's reference pass) leaves the root unit's weights gathered; when such a pass is
+    the model's first, the next training step's update was found wrong (CPU/gloo, torch 2.13: a tied
+    embedding trained to other values), and resharding first makes it right. A no-op when sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def is_sharded(tensor) -> bool:
