@@ -81,11 +81,6 @@ def combination_problems(config: Config, world_size: int) -> list[str]:
     if t.sharding == "fsdp" and get_method(t.method).virtual_tokens:
         problems.append(f"'train.sharding' fsdp works with lora, qlora and full, not {t.method} (peft reads the "
                         "virtual-token embeddings outside the sharded forward; they are small: use sharding: none)")
-    if t.sharding == "fsdp" and world_size > 1 and t.objective == "dpo" and t.method == "full":
-        # Found by the 2-process check: the first step's gradient norm differed from one process's
-        # (ORPO/SimPO, which have no reference pass, and DPO with LoRA matched). Cause not found yet.
-        problems.append("'train.sharding' fsdp with train.objective dpo and train.method full gave other "
-                        "gradients than one process in tunebench's checks; use lora or qlora, or sharding: none")
     if t.answer_only_logits and (why := answer_only_logits_refusal(t.method, world_size)):
         problems.append(f"'train.answer_only_logits': {why}; set it to false or leave it null")
     if t.offload_frozen and (why := offload_refusal(t.method, t.gradient_checkpointing, world_size)):

@@ -84,6 +84,24 @@ def test_fsdp_full_fine_tuning_matches_one_process_and_its_checkpoint_resumes_on
     assert losses(resumed) == pytest.approx(losses(single), rel=1e-9)
 
 
+def test_fsdp_dpo_full_fine_tuning_matches_one_process(tmp_path, tiny_model_dir):
+    """DPO's reference pass runs before the optimizer is built and leaves the root's weights gathered:
+    an optimizer built over those copies trained nothing of the sharded model's embeddings, norm and
+    output layer (a lower first-step gradient norm, then other losses)."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"質問{i}です", "chosen": f"答え{i}です。", "rejected": f"いいえ{i}"},
+                                        ensure_ascii=False) + "\n" for i in range(8)), encoding="utf-8")
+    dpo = ["--set=train.objective=dpo", f"--set=data.sources=[{{path: '{pairs}'}}]"]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert main(["train", str(write_config(tmp_path, tiny_model_dir, 2, method="full")), "--run-dir",
+                 str(single), *dpo]) == 0
+    assert main(["train", str(write_config(tmp_path, tiny_model_dir, 1, method="full", sharding="fsdp")),
+                 "--run-dir", str(sharded), "--gpus", "2", *dpo]) == 0
+    assert grad_norms(sharded) == pytest.approx(grad_norms(single), rel=1e-9)
+    assert losses(sharded) == pytest.approx(losses(single), rel=1e-9)
+    assert_same_adapter(full_model(single), full_model(sharded))
+
+
 def test_fsdp_refusals_come_all_at_once(tmp_path):
     with pytest.raises(ConfigError) as refused:
         load_config(None, ["train.method=prompt", "train.sharding=fsdp"])
@@ -95,10 +113,6 @@ def test_fsdp_refusals_come_all_at_once(tmp_path):
     assert [p.split(":")[0] for p in problems] == ["'train.answer_only_logits'", "'train.offload_frozen'"]
     assert "FSDP" in problems[0]
     assert config_problems(config, world_size=1) == []  # one process: nothing to shard, both levers work
-
-    dpo_full = load_config(None, ["train.method=full", "train.sharding=fsdp", "train.objective=dpo"])
-    assert [p.split(" with")[0] for p in config_problems(dpo_full, world_size=2)] == ["'train.sharding' fsdp"]
-    assert config_problems(dpo_full, world_size=1) == []
 
 
 def test_fsdp_with_one_process_trains_unsharded(tmp_path, tiny_model_dir, lora_reference, caplog):

@@ -63,9 +63,10 @@ class Dist:
             return shard_model(model, self.device, self.world)
         return self.accelerator.prepare_model(model) if self.accelerator else model
 
-    def before_step(self, model) -> None:
-        """Sharded, start each optimizer step from the sharded state, whatever forward passes without a
-        backward came before (train/sharding.py: reshard)."""
+    def reshard(self, model) -> None:
+        """Sharded, put the model back in its sharded state after forward passes without a backward (the
+        probe, DPO's reference pass, eval loss), which leave the root's weights gathered: collecting
+        parameters for the optimizer then would collect the gathered copies (train/sharding.py)."""
         if self.sharded:
             from tunebench.train.sharding import reshard
 

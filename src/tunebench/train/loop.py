@@ -121,7 +121,7 @@ def train_step(state: TrainState, objective: Objective, step_batches: list[list[
     weight = objective.weight([rows[i] for idx in step_batches for i in idx])
     # prefix/prompt tuning prepend virtual tokens to each row, so their rows are never joined
     step_tokens = None if get_method(t.method).virtual_tokens else t.step_tokens
-    dist.before_step(model)
+    dist.reshard(model)
     micro = objective.micro_batches([[rows[i] for i in idx] for idx in step_batches[dist.rank :: dist.world]],
                                     state.tokenizer.pad_token_id, step_tokens)
     for k, (batch, real_tokens) in enumerate(micro):

@@ -131,6 +131,7 @@ def build_optimizer(state: TrainState) -> None:
     from transformers import get_scheduler
 
     t = state.train
+    state.dist.reshard(state.model)  # the sharded parameters, not copies gathered by a pass before
     state.params = [p for p in state.model.parameters() if p.requires_grad]
     decay = [p for p in state.params if p.ndim >= 2]
     no_decay = [p for p in state.params if p.ndim < 2]

@@ -100,9 +100,9 @@ def check_same_logits(whole_model: torch.Tensor, sharded_model: torch.Tensor, to
 
 def reshard(model: nn.Module) -> None:
     """Put every FSDP unit of `model` back in its sharded state. A forward pass without a backward (the
-    probe, eval loss, DPO's reference pass) leaves the root unit's weights gathered; when such a pass is
-    the model's first, the next training step's update was found wrong (CPU/gloo, torch 2.13: a tied
-    embedding trained to other values), and resharding first makes it right. A no-op when sharded."""
+    probe, eval loss, DPO's reference pass) leaves the root unit's weights gathered, and while gathered
+    `model.parameters()` yields the gathered copies: an optimizer built then trains copies that the next
+    gather overwrites (found by the full fine-tuning and DPO checks). A no-op when sharded."""
     from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():
