@@ -137,6 +137,7 @@ def whole_state_dict(model: nn.Module, keys: set[str] | None = None) -> dict[str
     collective: every process calls it; each gets the same tensors. Tied weights (one tensor under two
     names, e.g. Gemma's embedding and output layer) stay one tensor, so save_pretrained drops the copy as
     it does for the model itself."""
+    reshard(model)  # after an eval pass the root's parameters are gathered copies; read the shards
     gathered: dict[int, torch.Tensor] = {}
     out = {}
     for key, value in model.state_dict(keep_vars=True).items():  # the parameters: a tied one is one object
