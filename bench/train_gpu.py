@@ -49,9 +49,14 @@ GEMMA3_270M = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, n
 
 
 def build_random_13b(path: Path) -> None:
+    build_random(path, LLMJP_13B)
+
+
+def build_random(path: Path, shape: dict, device: str = "cuda") -> None:
+    """A random Llama of `shape` (LlamaConfig arguments): the llm-jp-3 shapes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    build_random_model(path, LlamaForCausalLM, LlamaConfig(**LLMJP_13B))
+    build_random_model(path, LlamaForCausalLM, LlamaConfig(**shape), device)
 
 
 def build_random_gemma(path: Path) -> None:
@@ -60,7 +65,7 @@ def build_random_gemma(path: Path) -> None:
     build_random_model(path, Gemma3ForCausalLM, Gemma3TextConfig(**GEMMA3_270M))
 
 
-def build_random_model(path: Path, model_class, config) -> None:
+def build_random_model(path: Path, model_class, config, device: str = "cuda") -> None:
     """A random model of a real architecture in bf16, built on the GPU and saved once per machine.
 
     Every weight is drawn explicitly (seeded normal, std 0.02; norms 1, or 0 for Gemma's
@@ -71,10 +76,10 @@ def build_random_model(path: Path, model_class, config) -> None:
         return
     start = time.time()
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = model_class(config)
     torch.set_default_dtype(torch.float32)
-    generator = torch.Generator(device="cuda").manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     norm_value = 0.0 if config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -86,7 +91,8 @@ def build_random_model(path: Path, model_class, config) -> None:
                 raise RuntimeError(f"non-finite values in {name}")
     model.save_pretrained(path, safe_serialization=True)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     print(f"built random {config.model_type} at {path} in {time.time() - start:.0f}s", flush=True)
 
 
@@ -110,18 +116,22 @@ def case_config(name: str, steps: int, seq: int, extra: list[str] = ()):
 
 
 def prepare_case(config, run: RunDir) -> None:
-    """The data stage for a case; the 13B shape's ids are folded into its vocabulary, and a later
-    prepare (inside train) reuses these rows."""
-    if config.model.name_or_path != "/tmp/llmjp13b":
-        return
+    """The data stage for a case that needs it: the 13B shape's ids folded into its vocabulary."""
+    if config.model.name_or_path == "/tmp/llmjp13b":
+        prepare_folded(config, run, LLMJP_13B["vocab_size"])
+
+
+def prepare_folded(config, run: RunDir, vocab_size: int) -> None:
+    """Run the data stage with the borrowed tokenizer and fold its ids into `vocab_size`; a later
+    train() (or `tunebench train`) with the same data settings reuses these rows."""
     tokenizer = load_tokenizer(config.model)
     prepare(config, run, tokenizer, config.model.tokenizer or config.model.name_or_path)
     path = run.data_dir / "train.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     with path.open("w") as handle:
         for row in rows:
-            row["input_ids"] = [i % LLMJP_13B["vocab_size"] for i in row["input_ids"]]
-            row["labels"] = [i if i == -100 else i % LLMJP_13B["vocab_size"] for i in row["labels"]]
+            row["input_ids"] = [i % vocab_size for i in row["input_ids"]]
+            row["labels"] = [i if i == -100 else i % vocab_size for i in row["labels"]]
             handle.write(json.dumps(row) + "\n")
 
 

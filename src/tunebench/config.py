@@ -113,6 +113,11 @@ class TrainConfig:
         None, help="keep the frozen base weights in pinned host memory and stream each decoder layer to the "
         "GPU one layer ahead of use (qlora/lora, gradient checkpointing, one process); null (auto): on for those "
         "on a GPU when the frozen decoder weights are at least 1 GiB and the host has twice that free")
+    sharding: Literal["none", "fsdp"] = option(
+        "none", help="with --gpus N > 1: none copies the whole model to every GPU (data parallel); fsdp shards "
+        "weights, gradients and optimizer state across the GPUs (FSDP2, one unit per decoder layer), for models "
+        "that do not fit one GPU; qlora's 4-bit weights are stored in the compute dtype so they shard too; "
+        "with one process fsdp trains unsharded")
     precision: Literal["auto", "bf16", "fp32", "fp64"] = option(
         "auto", help="auto: bf16 where the GPU has it, else fp32; fp64 for exactness checks on CPU")
     seed: int = option(42, range="[0, 4294967295]", help="seed of initialisation and data order")

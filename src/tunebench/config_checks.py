@@ -53,10 +53,14 @@ def range_problems(section: Any, prefix: str) -> list[str]:
     return problems
 
 
-def answer_only_logits_refusal(method: str) -> str | None:
-    """Why train.answer_only_logits cannot run with this method (None: it can)."""
+def answer_only_logits_refusal(method: str, sharded: bool = False) -> str | None:
+    """Why train.answer_only_logits cannot run with this method (None: it can). Under DDP it runs
+    (train/wrapped.py); under FSDP the output layer would run outside the sharded root's forward."""
     if get_method(method).virtual_tokens:
         return "it works with lora, qlora and full (it calls the decoder directly, past peft's virtual tokens)"
+    if sharded:
+        return ("it does not work with train.sharding fsdp (the output layer would run outside the sharded "
+                "root's forward, past its unsharding of the embeddings and output layer)")
     return None
 
 
@@ -76,7 +80,11 @@ def combination_problems(config: Config, world_size: int) -> list[str]:
     if config.data.packing and get_method(t.method).virtual_tokens:
         problems.append("'data.packing' cannot be combined with prefix or prompt tuning (train.method): "
                         "virtual tokens would be shared across packed examples")
-    if t.answer_only_logits and (why := answer_only_logits_refusal(t.method)):
+    if t.sharding == "fsdp" and get_method(t.method).virtual_tokens:
+        problems.append(f"'train.sharding' fsdp works with lora, qlora and full, not {t.method} (peft reads the "
+                        "virtual-token embeddings outside the sharded forward; they are small: use sharding: none)")
+    sharded = t.sharding == "fsdp" and world_size > 1
+    if t.answer_only_logits and (why := answer_only_logits_refusal(t.method, sharded)):
         problems.append(f"'train.answer_only_logits': {why}; set it to false or leave it null")
     if t.offload_frozen and (why := offload_refusal(t.method, t.gradient_checkpointing, world_size)):
         problems.append(f"'train.offload_frozen': {why}; set it to false or leave it null")

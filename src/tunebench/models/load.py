@@ -38,9 +38,23 @@ def check_4bit_available() -> None:
                          "or use --set train.method=lora")
 
 
+def bnb_4bit_arguments(dtype: torch.dtype, sharded: bool = False) -> dict:
+    """BitsAndBytesConfig's arguments for QLoRA: NF4, double quantisation, bf16 compute where the model
+    runs in bf16. Sharded (train.sharding fsdp), the packed 4-bit weights are stored in the compute
+    dtype instead of uint8: FSDP shards floating-point parameters, and one storage dtype with the other
+    frozen weights keeps each decoder layer one all-gather."""
+    compute = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    arguments = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                 "bnb_4bit_compute_dtype": compute}
+    if sharded:
+        arguments["bnb_4bit_quant_storage"] = compute
+    return arguments
+
+
 def load_base_model(config: ModelConfig, dtype: torch.dtype, quantize_4bit: bool = False,
-                    device: torch.device | None = None):
-    """from_pretrained with the config's revision and trust_remote_code (off unless turned on)."""
+                    device: torch.device | None = None, sharded: bool = False):
+    """from_pretrained with the config's revision and trust_remote_code (off unless turned on).
+    sharded: the model will be sharded with FSDP (4-bit weights then stored in the compute dtype)."""
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
@@ -50,9 +64,9 @@ def load_base_model(config: ModelConfig, dtype: torch.dtype, quantize_4bit: bool
         check_4bit_available()
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+        kwargs["quantization_config"] = BitsAndBytesConfig(**bnb_4bit_arguments(dtype, sharded))
+        kwargs["device_map"] = {"": device.index or 0}
+    elif sharded and device.type == "cuda":  # straight onto the GPU: N processes, not N fp32 copies in host memory
         kwargs["device_map"] = {"": device.index or 0}
     path = resolve_model_path(config.name_or_path)
     try:

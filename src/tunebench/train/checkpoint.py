@@ -24,15 +24,34 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunebench.errors import ConfigError
+from tunebench.train.sharding import shard_like, whole, whole_state_dict
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The tensors training changes (adapters, or every weight for full fine-tuning)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in names}
+    """The tensors training changes (adapters, or every weight for full fine-tuning), whole on the CPU
+    (gathered from every process when sharded: then every process must call this)."""
+    return whole_state_dict(model, {n for n, p in model.named_parameters() if p.requires_grad})
+
+
+def optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() with sharded state gathered whole, on the CPU: what one process would save
+    (a collective when sharded, like trainable_state)."""
+    saved = optimizer.state_dict()
+    state = {index: {key: whole(value).cpu() if isinstance(value, torch.Tensor) else value
+                     for key, value in entry.items()} for index, entry in sorted(saved["state"].items())}
+    return {**saved, "state": state}
+
+
+def shard_optimizer_state(saved: dict, optimizer) -> dict:
+    """A whole optimizer state cut to this process's shards of the optimizer's parameters (unchanged
+    when they are not sharded)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {index: {key: shard_like(value, params[index]) if isinstance(value, torch.Tensor) else value
+                     for key, value in entry.items()} for index, entry in saved["state"].items()}
+    return {**saved, "state": state}
 
 
 def rng_state() -> dict:
@@ -59,15 +78,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write checkpoint-<step> atomically, then delete the oldest beyond `keep`."""
+def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer: dict, scheduler,
+                    state: dict, keep: int) -> Path:
+    """Write checkpoint-<step> atomically, then delete the oldest beyond `keep`. weights and optimizer:
+    the whole trainable tensors and optimizer state (trainable_state, optimizer_state)."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".tmp-checkpoint-{step}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer, "scheduler": scheduler.state_dict(), "rng": rng_state()},
                tmp / "optimizer.pt")
     write_state(tmp / STATE_FILE, {**state, "step": step})
     final = folder / f"checkpoint-{step}"
@@ -101,14 +122,17 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; return the saved trainer state."""
+    """Restore weights, optimizer, scheduler and RNG; return the saved trainer state. The checkpoint holds
+    whole tensors, each cut to this process's shard when the model is sharded: it resumes on any number
+    of processes."""
     weights = load_file(str(path / "trainable.safetensors"))
-    missing = set(weights) - set(model.state_dict())
+    current = model.state_dict()
+    missing = set(weights) - set(current)
     if missing:
         raise ValueError(f"{path}: checkpoint does not match this model (e.g. {sorted(missing)[0]})")
-    model.load_state_dict(weights, strict=False)
+    model.load_state_dict({k: shard_like(v, current[k]) for k, v in weights.items()}, strict=False)
     extra = load_training_state(path / "optimizer.pt")
-    optimizer.load_state_dict(extra["optimizer"])
+    optimizer.load_state_dict(shard_optimizer_state(extra["optimizer"], optimizer))
     scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
@@ -117,7 +141,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 def load_training_state(path: Path) -> dict:
     """optimizer.pt as tensors and plain containers; anything else is refused, never unpickled."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        # mmap: each process of a sharded resume reads the whole file but keeps only its shards in memory
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except pickle.UnpicklingError as exc:
         raise ConfigError(f"{path}: holds objects other than tensors and plain data, so it is not loaded "
                           "(written by an older tunebench, or crafted); delete "

@@ -17,10 +17,11 @@ from tqdm import tqdm
 
 from tunebench.config import Config, TrainConfig
 from tunebench.runs import RunDir, append_jsonl
-from tunebench.train.checkpoint import save_checkpoint
+from tunebench.train.checkpoint import optimizer_state, save_checkpoint, trainable_state
 from tunebench.train.distributed import Dist
 from tunebench.train.loss import evaluate
 from tunebench.train.methods import get_method
+from tunebench.train.sharding import total_norm
 from tunebench.train.tracking import Trackers
 
 
@@ -125,6 +126,7 @@ def train_step(state: TrainState, objective: Objective, step_batches: list[list[
     t, dist, rows, model = state.train, state.dist, state.rows, state.model
     # Normalise by the weight of the whole global batch, which every rank can count.
     weight = objective.weight([rows[i] for idx in step_batches for i in idx])
+    dist.reshard(model)
     micro = objective.micro_batches([[rows[i] for i in idx] for idx in step_batches[dist.rank :: dist.world]],
                                     state.tokenizer.pad_token_id, state.step_tokens)
     for k, (batch, real_tokens) in enumerate(micro):
@@ -132,12 +134,12 @@ def train_step(state: TrainState, objective: Objective, step_batches: list[list[
         with dist.no_sync(model, last=k == len(micro) - 1):
             with state.autocast():
                 loss_sum, stats = objective.loss(model, batch, t.answer_only_logits)
-            # Backward outside autocast (PyTorch's advice). DDP averages gradients over ranks;
-            # × world turns that average into the global sum.
+            # Backward outside autocast (PyTorch's advice). DDP (and FSDP's reduce-scatter) averages
+            # gradients over ranks; × world turns that average into the global sum.
             (loss_sum * dist.world / max(weight, 1)).backward()
         window.add(stats)
         window.tokens += real_tokens
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.params, t.max_grad_norm).item()
+    grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(state.params, t.max_grad_norm))
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
@@ -158,7 +160,9 @@ def log_window(state: TrainState, objective: Objective, window: Window, done: in
               "epoch": done * state.per_step * state.train.per_device_train_batch_size / len(state.rows)}
     if state.device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(state.device) / 2**30
-    if state.train.eval_steps is None and state.eval_rows and done == state.steps and dist.is_main:
+        if dist.world > 1:  # sharded, the ranks' peaks differ a little (uneven shards, rank 0's saves)
+            record["peak_memory_gib_per_rank"] = dist.each(record["peak_memory_gib"])
+    if state.train.eval_steps is None and state.eval_rows and done == state.steps and dist.gathers:
         record["eval_loss"] = eval_loss(state)
     if dist.is_main:
         append_jsonl(state.run.metrics, record)
@@ -184,18 +188,22 @@ def eval_loss(state: TrainState) -> float:
 def maybe_evaluate(state: TrainState, done: int, trackers: Trackers) -> None:
     """Held-out loss every eval_steps (and at the end) when eval_steps is set."""
     t = state.train
-    if t.eval_steps and state.eval_rows and (done % t.eval_steps == 0 or done == state.steps) and state.dist.is_main:
-        value = eval_loss(state)
-        append_jsonl(state.run.metrics, {"step": done, "eval_loss": value})
-        trackers.log({"eval_loss": value}, done)
+    if t.eval_steps and state.eval_rows and (done % t.eval_steps == 0 or done == state.steps) and state.dist.gathers:
+        value = eval_loss(state)  # sharded, every rank runs the forward passes
+        if state.dist.is_main:
+            append_jsonl(state.run.metrics, {"step": done, "eval_loss": value})
+            trackers.log({"eval_loss": value}, done)
 
 
 def maybe_checkpoint(state: TrainState, done: int) -> None:
     """Save checkpoint-<done> every save_steps (not at the end: the final save follows)."""
     t = state.train
     if done % t.save_steps == 0 and done < state.steps:
-        if state.dist.is_main:
-            save_checkpoint(state.run.checkpoints, done, state.dist.unwrap(state.model), state.optimizer,
-                            state.scheduler, {"steps": state.steps, "micro_batches_per_step": state.per_step},
-                            t.save_total_limit)
-        state.dist.barrier()
+        dist = state.dist
+        if dist.gathers:  # whole tensors, whatever the number of processes: the checkpoint resumes on any
+            model = dist.unwrap(state.model)
+            weights, optimizer = trainable_state(model), optimizer_state(state.optimizer)
+        if dist.is_main:
+            save_checkpoint(state.run.checkpoints, done, weights, optimizer, state.scheduler,
+                            {"steps": state.steps, "micro_batches_per_step": state.per_step}, t.save_total_limit)
+        dist.barrier()

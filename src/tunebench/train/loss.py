@@ -32,14 +32,14 @@ def answer_tokens(row: dict) -> int:
     return sum(1 for label in row["labels"][1:] if label != IGNORE)
 
 
-def use_answer_only_logits(setting: bool | None, model, method: str) -> bool:
+def use_answer_only_logits(setting: bool | None, model, method: str, sharded: bool = False) -> bool:
     """Resolve train.answer_only_logits for this model: null decides, true insists, false declines.
-    With model None (before loading) only the method is checked."""
+    With model None (before loading) only the method and sharding are checked."""
     if setting is False:
         return False
     causal = causal_lm(model) if model is not None else None
     kind = getattr(getattr(causal, "config", None), "model_type", None)
-    why = answer_only_logits_refusal(method)
+    why = answer_only_logits_refusal(method, sharded)
     if why is None and model is not None and kind not in PLAIN_LOGITS:
         why = (f"it is verified only for model types {sorted(PLAIN_LOGITS)}; this model is '{kind}' "
                "(it may rescale its logits)")

@@ -50,9 +50,9 @@ def autocast_for(dtype: torch.dtype) -> Callable:
             else contextlib.nullcontext)
 
 
-def resolve_levers(t: TrainConfig, model, device: torch.device, world: int) -> TrainConfig:
+def resolve_levers(t: TrainConfig, model, device: torch.device, world: int, sharded: bool = False) -> TrainConfig:
     """The two automatic levers, decided once for this model and machine (recorded in the log)."""
-    t = replace(t, answer_only_logits=use_answer_only_logits(t.answer_only_logits, model, t.method),
+    t = replace(t, answer_only_logits=use_answer_only_logits(t.answer_only_logits, model, t.method, sharded),
                 offload_frozen=use_offload(t.offload_frozen, model, t.method, t.gradient_checkpointing, device,
                                            world))
     log.info("answer_only_logits: %s, offload_frozen: %s", t.answer_only_logits, t.offload_frozen)
@@ -101,13 +101,15 @@ def load_model(config: Config, dist: Dist, device: torch.device, dtype: torch.dt
     returns (model, train config)."""
     t = config.train
     method = get_method(t.method)
-    model = load_base_model(config.model, dtype if method.peft else torch.float32,
-                            quantize_4bit=method.quantized, device=device)
+    # Full fine-tuning keeps fp32 weights (autocast computes in bf16); fp64 when asked (exactness checks).
+    weights = dtype if method.peft or dtype == torch.float64 else torch.float32
+    model = load_base_model(config.model, weights, quantize_4bit=method.quantized, device=device,
+                            sharded=dist.sharded)
     if adapter is not None and not method.peft:  # full training goes on from the merged SFT model
         from peft import PeftModel
 
         model, adapter = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), None
-    t = resolve_levers(t, model, device, dist.world)
+    t = resolve_levers(t, model, device, dist.world, dist.sharded)
     model = dist.wrap(make_trainable(model, t, adapter))
     if t.offload_frozen:
         offload = enable_offload(model, device)
@@ -129,6 +131,7 @@ def build_optimizer(state: TrainState) -> None:
     from transformers import get_scheduler
 
     t = state.train
+    state.dist.reshard(state.model)  # the sharded parameters, not copies gathered by a pass before
     state.params = [p for p in state.model.parameters() if p.requires_grad]
     decay = [p for p in state.params if p.ndim >= 2]
     no_decay = [p for p in state.params if p.ndim < 2]

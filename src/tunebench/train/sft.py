@@ -33,6 +33,7 @@ from tunebench.errors import DataError
 from tunebench.models.load import compute_dtype, pick_device
 from tunebench.models.tokenizer import load_tokenizer
 from tunebench.runs import CONFIG, TRAINED_META, RunDir, write_json_atomic
+from tunebench.train.checkpoint import trainable_state
 from tunebench.train.distributed import Dist
 from tunebench.train.fingerprint import code_fingerprint
 from tunebench.train.loop import TrainState, fit
@@ -48,6 +49,7 @@ from tunebench.train.setup import (
     resolve_start,
     resume_from_checkpoint,
 )
+from tunebench.train.sharding import whole_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,8 @@ def setup(start: StartPoint, run: RunDir, resume: bool, allow_contamination: boo
     """Data (prepared once), model with its levers decided, DPO's reference log-probs, optimizer and
     the resume point (restored after the reference pass, which needs the starting weights)."""
     config = start.config
-    dist = Dist(cpu=not torch.cuda.is_available())  # one process unless run under accelerate launch
+    # one process unless run under accelerate launch
+    dist = Dist(cpu=not torch.cuda.is_available(), sharding=config.train.sharding)
     device = dist.device or pick_device()
     dtype = compute_dtype(config.train.precision, device)
     tokenizer = load_tokenizer(config.model)
@@ -167,21 +170,28 @@ def reference_key(start: StartPoint, data_fingerprint: str, dtype: torch.dtype) 
 def finish(state: TrainState) -> Path:
     """Save the final adapter (or full model) on rank 0; every rank returns its folder."""
     target = state.run.adapter if get_method(state.train.method).peft else state.run.full_model
-    if state.dist.is_main:
-        target = save_final(state.dist.unwrap(state.model), state.tokenizer, state.config, state.run,
-                            state.data_fingerprint, state.steps, state.base_model)
-    state.dist.barrier()
+    model, dist = state.dist.unwrap(state.model), state.dist
+    # Sharded, every rank gathers the weights to save (the adapter's, or the whole model's) and rank 0
+    # writes them in the format one process writes.
+    weights = None
+    if dist.sharded:
+        weights = trainable_state(model) if get_method(state.train.method).peft else whole_state_dict(model)
+    if dist.is_main:
+        target = save_final(model, state.tokenizer, state.config, state.run, state.data_fingerprint, state.steps,
+                            state.base_model, weights)
+    dist.barrier()
     return target
 
 
 def save_final(model, tokenizer, config: Config, run: RunDir, data_fingerprint: str, steps: int,
-               base_model: str | None = None) -> Path:
-    """Save the adapter in plain peft format (or the full model), atomically, with its metadata."""
+               base_model: str | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save the adapter in plain peft format (or the full model), atomically, with its metadata.
+    weights: the model's (or adapter's) tensors gathered whole, when the model itself holds shards."""
     target = run.adapter if get_method(config.train.method).peft else run.full_model
     tmp = target.with_name(f".tmp-{target.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
     tokenizer.save_pretrained(tmp)
     meta = {"base_model": base_model or config.model.name_or_path, "method": config.train.method,
             "objective": config.train.objective,
