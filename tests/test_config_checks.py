@@ -130,7 +130,7 @@ def test_train_on_several_processes_is_checked_before_any_process_starts(monkeyp
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("launched despite a refused setting"))
-    code = main(["train", "configs/quickstart.yaml", "--gpus", "2", "--set", "train.answer_only_logits=true"])
+    code = main(["train", "configs/quickstart.yaml", "--gpus", "2", "--set", "train.offload_frozen=true"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: configs/quickstart.yaml: 'train.answer_only_logits': it works with "
-                                        "lora, qlora and full on one process")
+    assert code == 2 and err.startswith("error: configs/quickstart.yaml: 'train.offload_frozen': it works with "
+                                        "train.method qlora or lora, train.gradient_checkpointing: true, on one process")
