@@ -111,7 +111,7 @@ def test_fsdp_refusals_come_all_at_once(tmp_path):
                                 "train.offload_frozen=true"])
     problems = config_problems(config, world_size=2)
     assert [p.split(":")[0] for p in problems] == ["'train.answer_only_logits'", "'train.offload_frozen'"]
-    assert "FSDP" in problems[0]
+    assert "train.sharding fsdp" in problems[0]
     assert config_problems(config, world_size=1) == []  # one process: nothing to shard, both levers work
 
 

@@ -79,12 +79,16 @@ class Dist:
         # FSDP2 shards in place: the sharded model is the peft/transformers model itself
         return inner(model) if self.accelerator and not self.sharded else model
 
-    def sum(self, value: float) -> float:
-        """Sum a number over ranks (for logging totals)."""
-        if not self.accelerator:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        return float(self.accelerator.reduce(tensor, reduction="sum").item())
+    def sum_all(self, values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """Sum every number over ranks in one all-reduce (one host sync for a whole log line)."""
+        if not values:
+            return {}
+        device = self.device or next((v.device for v in values.values() if isinstance(v, torch.Tensor)),
+                                     torch.device("cpu"))
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values.values()])
+        if self.accelerator:
+            stacked = self.accelerator.reduce(stacked, reduction="sum")
+        return dict(zip(values, stacked.tolist()))
 
     def each(self, value: float) -> list[float]:
         """A number from every rank, in rank order (per-GPU figures for the log)."""

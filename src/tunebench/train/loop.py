@@ -21,7 +21,7 @@ from tunebench.train.checkpoint import optimizer_state, save_checkpoint, trainab
 from tunebench.train.distributed import Dist
 from tunebench.train.loss import evaluate
 from tunebench.train.methods import get_method
-from tunebench.train.sharding import total_norm
+from tunebench.train.sharding import whole
 from tunebench.train.tracking import Trackers
 
 
@@ -38,8 +38,9 @@ class Objective(Protocol):
         """(tensor batch, real token count) for one optimizer step on this process."""
 
     def loss(self, model, batch: dict[str, torch.Tensor], answer_only_logits: bool
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Summed loss of a micro-batch (to be divided by the weight) and summed statistics."""
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Summed loss of a micro-batch (to be divided by the weight) and summed statistics, as detached
+        0-dim tensors: they stay on the device until the log line, so no micro-batch waits for the GPU."""
 
     def record(self, sums: dict[str, float], weight: int) -> dict[str, float]:
         """The logged values for a window, from summed statistics over summed weight."""
@@ -87,15 +88,16 @@ class TrainState:
 class Window:
     """Sums over the steps since the last log line."""
 
-    sums: dict[str, float] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
     weight: int = 0
     tokens: int = 0
     steps: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, stats: dict[str, float]) -> None:
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        """Sum on the device, in float64 (as the numbers would be on the host), without a sync."""
         for key, value in stats.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().double()
 
 
 def fit(state: TrainState, objective: Objective) -> None:
@@ -121,8 +123,10 @@ def fit(state: TrainState, objective: Objective) -> None:
     trackers.close()
 
 
-def train_step(state: TrainState, objective: Objective, step_batches: list[list[int]], window: Window) -> float:
-    """One optimizer step over the global batch `step_batches`; returns the gradient norm."""
+def train_step(state: TrainState, objective: Objective, step_batches: list[list[int]], window: Window
+               ) -> torch.Tensor:
+    """One optimizer step over the global batch `step_batches`; returns the gradient norm (a 0-dim
+    tensor, read only when logged: nothing in a step waits for the GPU)."""
     t, dist, rows, model = state.train, state.dist, state.rows, state.model
     # Normalise by the weight of the whole global batch, which every rank can count.
     weight = objective.weight([rows[i] for idx in step_batches for i in idx])
@@ -139,7 +143,7 @@ def train_step(state: TrainState, objective: Objective, step_batches: list[list[
             (loss_sum * dist.world / max(weight, 1)).backward()
         window.add(stats)
         window.tokens += real_tokens
-    grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(state.params, t.max_grad_norm))
+    grad_norm = whole(torch.nn.utils.clip_grad_norm_(state.params, t.max_grad_norm))
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
@@ -148,15 +152,17 @@ def train_step(state: TrainState, objective: Objective, step_batches: list[list[
     return grad_norm
 
 
-def log_window(state: TrainState, objective: Objective, window: Window, done: int, grad_norm: float,
+def log_window(state: TrainState, objective: Objective, window: Window, done: int, grad_norm: torch.Tensor,
                trackers: Trackers) -> dict:
-    """Write one metrics line for the window ending at step `done`."""
+    """Write one metrics line for the window ending at step `done` (the window's one host sync)."""
     dist = state.dist
+    # one all-reduce, which waits for the window's GPU work, so the time below is all of it
+    sums = dist.sum_all({**window.sums, "tokens": window.tokens})
+    tokens = sums.pop("tokens")
     elapsed = time.perf_counter() - window.started
-    sums = {key: dist.sum(value) for key, value in window.sums.items()}
     record = {"step": done, **objective.record(sums, window.weight),
-              "learning_rate": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-              "tokens_per_s": dist.sum(window.tokens) / elapsed if elapsed else 0.0,
+              "learning_rate": state.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+              "tokens_per_s": tokens / elapsed if elapsed else 0.0,
               "epoch": done * state.per_step * state.train.per_device_train_batch_size / len(state.rows)}
     if state.device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(state.device) / 2**30

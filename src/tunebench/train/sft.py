@@ -103,7 +103,7 @@ class SFT:
 
     def loss(self, model, batch, answer_only_logits):
         loss_sum = token_loss_sum(model, batch, answer_only_logits)
-        return loss_sum, {"loss": loss_sum.item()}
+        return loss_sum, {"loss": loss_sum.detach()}
 
     def record(self, sums, weight):
         return {"loss": sums.get("loss", 0.0) / max(weight, 1)}

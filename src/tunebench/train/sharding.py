@@ -146,9 +146,3 @@ def whole_state_dict(model: nn.Module, keys: set[str] | None = None) -> dict[str
                 gathered[id(value)] = whole(value.detach()).contiguous().cpu()
             out[key] = gathered[id(value)]
     return out
-
-
-def total_norm(norm: torch.Tensor) -> float:
-    """clip_grad_norm_'s result as a number: over sharded gradients it is a replicated DTensor holding
-    the norm of the whole gradient (each shard's squares summed over processes)."""
-    return float(whole(norm).item())
