@@ -7,16 +7,25 @@ with an attention mask, so greedy batched outputs equal one-at-a-time outputs.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 import torch
+from transformers import StoppingCriteriaList
 
 from tunebench.config import GenerateConfig
 from tunebench.data.templates import get_template, stop_token_ids
 from tunebench.data.tokens import encode_prompt, special_prefix
+from tunebench.generate.merge_adapter import merge_for_generation
+from tunebench.generate.stops import STOP_CHECK_EVERY, StopStringsEvery, tokens_until_stop
+
+log = logging.getLogger(__name__)
 
 EMPTY_RETRY_MIN_TOKENS = 8
+# With a static cache each distinct prompt width is a new compiled graph: widths are rounded up to
+# a multiple of this (extra left padding, which greedy answers do not depend on).
+STATIC_WIDTH_MULTIPLE = 64
 
 
 @dataclass
@@ -46,6 +55,11 @@ def clean_answer(text: str, stops: list[str]) -> tuple[str, bool]:
     return text.strip(), cut >= 0
 
 
+def uses_static_cache(setting: str | bool, device: torch.device) -> bool:
+    """generate.compile: auto compiles on a CUDA GPU only (on CPU compiling costs more than it saves)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
 def kv_bytes_per_token(model_config, dtype_bytes: int = 2) -> int:
     """Bytes of key/value cache one token takes across all layers."""
     text = getattr(model_config, "text_config", None) or model_config
@@ -68,20 +82,30 @@ def auto_batch_size(model, n_items: int, longest_prompt: int, max_new_tokens: in
 
 
 class Generator:
-    """Holds a model, tokenizer and template; turns instructions into answers."""
+    """Holds a model, tokenizer and template; turns instructions into answers.
 
-    def __init__(self, model, tokenizer, template: str, config: GenerateConfig):
-        self.model = model
+    A LoRA adapter on an unquantised base is merged into the model passed in (in place) unless
+    generate.merge_adapter is false. `stop_check_every`: stop strings are checked on the host every
+    that many tokens; None checks them on every token with transformers' own `stop_strings`."""
+
+    def __init__(self, model, tokenizer, template: str, config: GenerateConfig,
+                 stop_check_every: int | None = STOP_CHECK_EVERY):
+        self.model = merge_for_generation(model, config.merge_adapter)
         self.tokenizer = tokenizer
         self.template = template
         self.config = config
         self.stops = stop_strings_for(config, template)
         self.eos_ids = stop_token_ids(tokenizer, template)
         self.prefix = special_prefix(tokenizer)
+        self.stop_check_every = stop_check_every
+        if config.compile is True and next(self.model.parameters()).device.type != "cuda":
+            log.warning("generate.compile: true off a CUDA GPU uses the static KV cache without compiling "
+                        "(transformers compiles the decode step on GPUs only)")
 
     def with_settings(self, **changes) -> Generator:
         """The same model, tokenizer and template with some generate settings changed (per request)."""
-        return Generator(self.model, self.tokenizer, self.template, replace(self.config, **changes))
+        return Generator(self.model, self.tokenizer, self.template, replace(self.config, **changes),
+                         self.stop_check_every)
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_prompt(messages, self.template, self.tokenizer, self.prefix)
@@ -109,11 +133,21 @@ class Generator:
         StoppingCriteriaList) and `streamer` are passed to model.generate (serve uses them)."""
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
+        kwargs = self.generation_kwargs(max_new_tokens, min_new_tokens)
+        if uses_static_cache(self.config.compile, device):
+            # transformers compiles the decode step itself when the cache is static and the device a GPU
+            kwargs["cache_implementation"] = "static"
+            width = -(-width // STATIC_WIDTH_MULTIPLE) * STATIC_WIDTH_MULTIPLE
+        criteria = list(stopping_criteria or [])
+        host_stops = self.stops and streamer is None and self.stop_check_every  # a stream checks every token
+        if host_stops:
+            del kwargs["stop_strings"], kwargs["tokenizer"]
+            criteria.append(StopStringsEvery(self.tokenizer, self.stops, width, self.stop_check_every))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = self.model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=stopping_criteria,
-                                  streamer=streamer, **self.generation_kwargs(max_new_tokens, min_new_tokens))
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer,
+                                  stopping_criteria=StoppingCriteriaList(criteria) if criteria else None, **kwargs)
         answers = []
         # A finished row is filled with pad ids until the batch ends: those are not generated text.
         ends = set(self.eos_ids) | {pad}
@@ -123,6 +157,8 @@ class Generator:
                 if token in ends:
                     tokens, ended_by_eos = tokens[:cut], True
                     break
+            if host_stops:  # drop what was generated after the stop string, up to the next check
+                tokens = tokens[: tokens_until_stop(self.tokenizer, tokens, self.stops) or len(tokens)]
             text, stopped = clean_answer(self.tokenizer.decode(tokens, skip_special_tokens=True), self.stops)
             answers.append(Answer(row, text, len(tokens), stopped or ended_by_eos))
         return answers
