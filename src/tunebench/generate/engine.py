@@ -7,6 +7,7 @@ with an attention mask, so greedy batched outputs equal one-at-a-time outputs.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol
@@ -60,6 +61,13 @@ def uses_static_cache(setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
+@functools.cache
+def warn_static_cache_uncompiled() -> None:
+    """Once per process: serve makes a Generator per request."""
+    log.warning("generate.compile: true off a CUDA GPU uses the static KV cache without compiling "
+                "(transformers compiles the decode step on GPUs only)")
+
+
 def kv_bytes_per_token(model_config, dtype_bytes: int = 2) -> int:
     """Bytes of key/value cache one token takes across all layers."""
     text = getattr(model_config, "text_config", None) or model_config
@@ -99,8 +107,7 @@ class Generator:
         self.prefix = special_prefix(tokenizer)
         self.stop_check_every = stop_check_every
         if config.compile is True and next(self.model.parameters()).device.type != "cuda":
-            log.warning("generate.compile: true off a CUDA GPU uses the static KV cache without compiling "
-                        "(transformers compiles the decode step on GPUs only)")
+            warn_static_cache_uncompiled()
 
     def with_settings(self, **changes) -> Generator:
         """The same model, tokenizer and template with some generate settings changed (per request)."""
