@@ -78,13 +78,13 @@ def build_generator(run: str, variant: Variant, max_new_tokens: int) -> Generato
 
 
 def one_prompt(generator: Generator, task, new_tokens: int) -> dict:
-    """Decode speed of a single row: no stop strings, EOS held back for `new_tokens` tokens."""
-    single = generator.with_settings(stop=[])
-    prompt = single.encode([{"role": "user", "content": task.input}])
+    """Decode speed of a single row as `tunebench generate` makes it (stop strings on), EOS held back
+    for `new_tokens` tokens (a stop string may still end it sooner: one_new_tokens says)."""
+    prompt = generator.encode([{"role": "user", "content": task.input}])
     rates = {}
     for label in ("cold", "warm"):
-        (answer,), wall = timed(lambda: single.generate_batch([prompt], new_tokens, min_new_tokens=new_tokens))
-        rates[f"one_{label}_tok_s"] = answer.new_tokens / wall
+        (answer,), wall = timed(lambda: generator.generate_batch([prompt], new_tokens, min_new_tokens=new_tokens))
+        rates.update({f"one_{label}_tok_s": answer.new_tokens / wall, "one_new_tokens": answer.new_tokens})
     return rates
 
 

@@ -4,6 +4,7 @@ flips between two summation orders)."""
 
 import hashlib
 
+import pytest
 import torch
 
 from tunebench.config import GenerateConfig
@@ -103,3 +104,28 @@ def test_static_cache_on_cpu_gives_the_same_greedy_answers(tiny_model_dir):
     b = static.generate(conversations())
     assert seen and all(cache == "static" and width % 64 == 0 for cache, width in seen)
     assert [(x.text, x.new_tokens) for x in a] == [(x.text, x.new_tokens) for x in b]
+
+
+def test_a_failing_compiled_decode_falls_back_under_auto_and_is_raised_under_true(tiny_model_dir, monkeypatch, caplog):
+    from tunebench.generate import engine
+
+    tiny = load_for_inference(str(tiny_model_dir), dtype=torch.float64)
+    settings = dict(max_new_tokens=6, batch_size=2, **LIVELY)
+    expected = [a.text for a in Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(**settings))
+                .generate(conversations())]
+    monkeypatch.setattr(engine, "uses_static_cache", lambda setting, device: setting is not False)  # as on a GPU
+    real, calls = tiny.model.generate, []
+
+    def compile_fails(**kwargs):
+        calls.append(kwargs.get("cache_implementation"))
+        if kwargs.get("cache_implementation") == "static":
+            raise RuntimeError("BackendCompilerFailed: inductor raised an error\nlong traceback")
+        return real(**kwargs)
+
+    tiny.model.generate = compile_fails
+    auto = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(**settings))
+    assert [a.text for a in auto.generate(conversations())] == expected
+    assert calls[:2] == ["static", None] and "static" not in calls[2:]  # tried once, then the plain path
+    assert "generate.compile: the static-cache decode step failed (RuntimeError: BackendCompilerFailed" in caplog.text
+    with pytest.raises(RuntimeError, match="BackendCompilerFailed"):
+        Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(compile=True, **settings)).generate(conversations())

@@ -106,13 +106,16 @@ class Generator:
         self.eos_ids = stop_token_ids(tokenizer, template)
         self.prefix = special_prefix(tokenizer)
         self.stop_check_every = stop_check_every
+        self.static_cache_failed = False  # set when a compiled decode failed under generate.compile: auto
         if config.compile is True and next(self.model.parameters()).device.type != "cuda":
             warn_static_cache_uncompiled()
 
     def with_settings(self, **changes) -> Generator:
         """The same model, tokenizer and template with some generate settings changed (per request)."""
-        return Generator(self.model, self.tokenizer, self.template, replace(self.config, **changes),
-                         self.stop_check_every)
+        generator = Generator(self.model, self.tokenizer, self.template, replace(self.config, **changes),
+                              self.stop_check_every)
+        generator.static_cache_failed = self.static_cache_failed
+        return generator
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_prompt(messages, self.template, self.tokenizer, self.prefix)
@@ -137,11 +140,29 @@ class Generator:
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int | None = None,
                        min_new_tokens: int = 0, stopping_criteria=None, streamer=None) -> list[Answer]:
         """One batch of encoded prompts, left-padded. `stopping_criteria` (a transformers
-        StoppingCriteriaList) and `streamer` are passed to model.generate (serve uses them)."""
+        StoppingCriteriaList) and `streamer` are passed to model.generate (serve uses them).
+
+        Under generate.compile: auto, a static-cache/compiled decode that fails (a model or torch
+        version torch.compile cannot handle) is reported once and the batch generated without it."""
+        device = next(self.model.parameters()).device
+        static = uses_static_cache(self.config.compile, device) and not self.static_cache_failed
+        try:
+            return self.decode(prompts, max_new_tokens, min_new_tokens, stopping_criteria, streamer, static)
+        except Exception as exc:  # whatever torch.compile raises; the plain path reraises real faults
+            if not static or self.config.compile is True or streamer is not None or \
+                    isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            log.warning("generate.compile: the static-cache decode step failed (%s: %s); generating without it "
+                        "(generate.compile: false skips trying)", type(exc).__name__, str(exc).split("\n")[0][:200])
+            self.static_cache_failed = True
+        return self.decode(prompts, max_new_tokens, min_new_tokens, stopping_criteria, streamer, False)
+
+    def decode(self, prompts: list[list[int]], max_new_tokens: int | None, min_new_tokens: int, stopping_criteria,
+               streamer, static: bool) -> list[Answer]:
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         kwargs = self.generation_kwargs(max_new_tokens, min_new_tokens)
-        if uses_static_cache(self.config.compile, device):
+        if static:
             # transformers compiles the decode step itself when the cache is static and the device a GPU
             kwargs["cache_implementation"] = "static"
             width = -(-width // STATIC_WIDTH_MULTIPLE) * STATIC_WIDTH_MULTIPLE
