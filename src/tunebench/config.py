@@ -154,8 +154,8 @@ class GenerateConfig:
         "auto", help="fold a LoRA adapter into the weights in memory for generating (the files on disk "
         "unchanged); auto/true: when the base is not 4-bit (a 4-bit base keeps the adapter)")
     compile: Literal["auto"] | bool = option(
-        "auto", help="static KV cache and a torch.compile'd decode step; auto: on a CUDA GPU only "
-        "(true on CPU: the static cache without compiling)")
+        "auto", help="static KV cache and a torch.compile'd decode step; auto: on a CUDA GPU, for task "
+        "sets (not serve's one-off prompts); true on CPU: the static cache without compiling")
 
 
 @dataclass

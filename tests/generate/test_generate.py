@@ -97,9 +97,9 @@ def test_empty_answer_is_retried_with_eos_suppressed(tiny, monkeypatch):
     seen = []
     real = Generator.generate_batch
 
-    def first_empty(self, prompts, max_new_tokens=None, min_new_tokens=0):
+    def first_empty(self, prompts, max_new_tokens=None, min_new_tokens=0, **kwargs):
         seen.append(min_new_tokens)
-        answers = real(self, prompts, max_new_tokens, min_new_tokens)
+        answers = real(self, prompts, max_new_tokens, min_new_tokens, **kwargs)
         if min_new_tokens == 0:
             answers[0].text = ""
         return answers

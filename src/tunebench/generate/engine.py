@@ -56,9 +56,11 @@ def clean_answer(text: str, stops: list[str]) -> tuple[str, bool]:
     return text.strip(), cut >= 0
 
 
-def uses_static_cache(setting: str | bool, device: torch.device) -> bool:
-    """generate.compile: auto compiles on a CUDA GPU only (on CPU compiling costs more than it saves)."""
-    return device.type == "cuda" if setting == "auto" else bool(setting)
+def uses_static_cache(setting: str | bool, device: torch.device, task_set: bool) -> bool:
+    """generate.compile: auto compiles on a CUDA GPU only (on CPU compiling costs more than it saves) and
+    only the batches of a task set, where a few shapes repeat over many rows; serve's and the local
+    judge's one-off prompts (and an empty answer's retry) would each pay a compile of their own shape."""
+    return device.type == "cuda" and task_set if setting == "auto" else bool(setting)
 
 
 @functools.cache
@@ -138,14 +140,16 @@ class Generator:
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int | None = None,
-                       min_new_tokens: int = 0, stopping_criteria=None, streamer=None) -> list[Answer]:
+                       min_new_tokens: int = 0, stopping_criteria=None, streamer=None,
+                       task_set: bool = False) -> list[Answer]:
         """One batch of encoded prompts, left-padded. `stopping_criteria` (a transformers
-        StoppingCriteriaList) and `streamer` are passed to model.generate (serve uses them).
+        StoppingCriteriaList) and `streamer` are passed to model.generate (serve uses them);
+        `task_set`: a batch of `generate` (see uses_static_cache).
 
         Under generate.compile: auto, a static-cache/compiled decode that fails (a model or torch
         version torch.compile cannot handle) is reported once and the batch generated without it."""
         device = next(self.model.parameters()).device
-        static = uses_static_cache(self.config.compile, device) and not self.static_cache_failed
+        static = uses_static_cache(self.config.compile, device, task_set) and not self.static_cache_failed
         try:
             return self.decode(prompts, max_new_tokens, min_new_tokens, stopping_criteria, streamer, static)
         except Exception as exc:  # whatever torch.compile raises; the plain path reraises real faults
@@ -202,7 +206,7 @@ class Generator:
             self.model, len(items), max((len(e) for e in encoded), default=1), self.config.max_new_tokens)
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            for position, answer in zip(chunk, self.generate_batch([encoded[i] for i in chunk])):
+            for position, answer in zip(chunk, self.generate_batch([encoded[i] for i in chunk], task_set=True)):
                 if not answer.text:
                     # An immediate EOS or stop string leaves nothing, which a submission may not hold:
                     # answer again with EOS suppressed for the first tokens.
