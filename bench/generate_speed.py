@@ -15,7 +15,9 @@ repetition_penalty 1.2, the run's dtype (bf16 on a GPU):
 
 --baseline-tasks N adds the course sample's one-prompt-at-a-time loop on the first N tasks (issue 4).
 JSON lines are appended to OUT_DIR/generate_speed.jsonl, answers to OUT_DIR/answers-VARIANT.json
-(OUT_DIR: --out-dir, else $OUT, else /tmp/generate-speed); a short table is printed last.
+(OUT_DIR: --out-dir, else /tmp/generate-speed, which outlives one device call on a warm machine, so
+`current` measured in one call is the reference of the next); both are copied into $OUT when set.
+A short table is printed last.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -198,7 +201,8 @@ def main() -> None:
     parser.add_argument("--one-prompt-tokens", type=int, default=128)
     parser.add_argument("--limit", type=int, help="only the first N tasks")
     parser.add_argument("--baseline-tasks", type=int, default=0, help="also time the course loop on N tasks")
-    parser.add_argument("--out-dir", help="JSON lines and answers files (default: $OUT, else /tmp/generate-speed)")
+    parser.add_argument("--out-dir", default="/tmp/generate-speed", help="JSON lines and answers files "
+                        "(default: %(default)s; copied into $OUT when set)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny random model + adapter, 16 tokens, on CPU")
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -206,7 +210,7 @@ def main() -> None:
         args.max_new_tokens, args.one_prompt_tokens = 16, 8
     elif not (args.run and args.tasks):
         parser.error("--run and --tasks are needed (or --cpu-smoke)")
-    out_dir = Path(args.out_dir or os.environ.get("OUT") or "/tmp/generate-speed")
+    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = load_tasks(args.tasks)[: args.limit]
     rows = []
@@ -221,6 +225,9 @@ def main() -> None:
             handle.write(json.dumps({**row, "max_new_tokens": args.max_new_tokens, "torch": torch.__version__,
                                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                                     ensure_ascii=False) + "\n")
+    if os.environ.get("OUT"):
+        for path in out_dir.iterdir():
+            shutil.copy(path, Path(os.environ["OUT"]) / path.name)
     if rows:
         print_table(rows)
 
