@@ -163,6 +163,7 @@ class Generator:
 
     def decode(self, prompts: list[list[int]], max_new_tokens: int | None, min_new_tokens: int, stopping_criteria,
                streamer, static: bool) -> list[Answer]:
+        """model.generate on the left-padded batch; `static`: the static KV cache (compiled on a GPU)."""
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         kwargs = self.generation_kwargs(max_new_tokens, min_new_tokens)
@@ -180,10 +181,14 @@ class Generator:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         out = self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer,
                                   stopping_criteria=StoppingCriteriaList(criteria) if criteria else None, **kwargs)
+        return self.read_answers(out[:, width:].tolist(), bool(host_stops))
+
+    def read_answers(self, generated: list[list[int]], host_stops: bool) -> list[Answer]:
+        """Each row's new tokens up to EOS/pad (and, with host stop checks, up to its stop string) as text."""
         answers = []
         # A finished row is filled with pad ids until the batch ends: those are not generated text.
-        ends = set(self.eos_ids) | {pad}
-        for row, tokens in enumerate(out[:, width:].tolist()):
+        ends = set(self.eos_ids) | {self.tokenizer.pad_token_id}
+        for row, tokens in enumerate(generated):
             ended_by_eos = False
             for cut, token in enumerate(tokens):
                 if token in ends:
