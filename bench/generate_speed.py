@@ -72,10 +72,10 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
-def build_generator(run: str, variant: Variant, max_new_tokens: int) -> Generator:
+def build_generator(run: str, variant: Variant, max_new_tokens: int, batch_size: int | None) -> Generator:
     loaded = load_for_inference(run)
     config = GenerateConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.2, merge_adapter=variant.merge_adapter,
-                            compile=variant.compile)
+                            compile=variant.compile, batch_size=batch_size)
     template = pick_template(loaded.template, None, loaded.tokenizer)
     return Generator(loaded.model, loaded.tokenizer, template, config, stop_check_every=variant.stop_check_every)
 
@@ -107,7 +107,7 @@ def measure(name: str, args, tasks, out_dir: Path) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    generator, load_s = timed(lambda: build_generator(args.run, variant, args.max_new_tokens))
+    generator, load_s = timed(lambda: build_generator(args.run, variant, args.max_new_tokens, args.batch_size))
     row = {"variant": name, **vars(variant), "load_s": load_s, "device": device_name(),
            **one_prompt(generator, tasks[0], args.one_prompt_tokens)}
     summary, texts = all_tasks(generator, tasks, 2 if variant.compile else 1)
@@ -200,6 +200,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--one-prompt-tokens", type=int, default=128)
     parser.add_argument("--limit", type=int, help="only the first N tasks")
+    parser.add_argument("--batch-size", type=int, help="rows per batch (default: automatic, as generate.batch_size)")
     parser.add_argument("--baseline-tasks", type=int, default=0, help="also time the course loop on N tasks")
     parser.add_argument("--out-dir", default="/tmp/generate-speed", help="JSON lines and answers files "
                         "(default: %(default)s; copied into $OUT when set)")
@@ -222,7 +223,8 @@ def main() -> None:
         print(json.dumps(rows[-1], ensure_ascii=False), flush=True)
     with (out_dir / "generate_speed.jsonl").open("a", encoding="utf-8") as handle:
         for row in rows:
-            handle.write(json.dumps({**row, "max_new_tokens": args.max_new_tokens, "torch": torch.__version__,
+            handle.write(json.dumps({**row, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                                     "torch": torch.__version__,
                                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                                     ensure_ascii=False) + "\n")
     if os.environ.get("OUT"):
