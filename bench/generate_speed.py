@@ -1,20 +1,35 @@
-"""Answer all 100 ELYZA-tasks-100-TV tasks: tunebench's batched path vs the course sample's loop.
+"""Generation speed (issue 15): the plain decode path against merged adapter, host stop checks and
+the static cache with a compiled decode step, on Gemma 3 270M + a LoRA adapter from a tunebench run.
 
-Both use the same model (Gemma 3 270M + a LoRA adapter from a tunebench run), the same prompt
-and max_new_tokens 512, repetition_penalty 1.2, greedy. The course loop is HF `generate` on one
-prompt at a time with no stop strings; it runs on the first --baseline-tasks tasks (the whole 100
-would take longer than one device call) and is compared per task and per generated token.
+Each variant loads the run afresh (merging changes the loaded model in place) and measures, greedy,
+repetition_penalty 1.2, the run's dtype (bf16 on a GPU):
+- one prompt × --one-prompt-tokens new tokens (EOS held back so every run makes that many): new tok/s,
+  cold (first call: a compiled variant compiles here) and warm;
+- all tasks × up to --max-new-tokens, batched as `tunebench generate` does: wall, new tok/s, how many
+  answers differ from the `current` variant's (read from this call or an earlier one's answers file);
+  a compiled variant runs twice (cold, with the compile; warm).
 
     python bench/generate_speed.py --run /tmp/bench-runs/gemma-lora-512 --tasks .gpu/tv.jsonl
+    python bench/generate_speed.py --run ... --tasks ... --variants current merged   # split over calls
+    python bench/generate_speed.py --cpu-smoke   # a tiny random model + adapter, a few tokens, on CPU
+
+--baseline-tasks N adds the course sample's one-prompt-at-a-time loop on the first N tasks (issue 4).
+JSON lines are appended to OUT_DIR/generate_speed.jsonl, answers to OUT_DIR/answers-VARIANT.json
+(OUT_DIR: --out-dir, else /tmp/generate-speed, which outlives one device call on a warm machine, so
+`current` measured in one call is the reference of the next); both are copied into $OUT when set.
+A short table is printed last.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,67 +38,200 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tunebench.config import GenerateConfig  # noqa: E402
 from tunebench.data.templates import render_prompt  # noqa: E402
-from tunebench.generate.answers import generate_answers  # noqa: E402
-from tunebench.models.trained import load_for_inference  # noqa: E402
+from tunebench.generate.engine import Generator  # noqa: E402
+from tunebench.generate.stops import STOP_CHECK_EVERY  # noqa: E402
+from tunebench.models.trained import load_for_inference, pick_template  # noqa: E402
 from tunebench.tasksets import load_tasks  # noqa: E402
 
 
+@dataclass(frozen=True)
+class Variant:
+    merge_adapter: bool
+    compile: bool
+    stop_check_every: int | None  # None: transformers' per-token stop_strings (the path before issue 15)
+
+
+VARIANTS = {
+    "current": Variant(merge_adapter=False, compile=False, stop_check_every=None),
+    "merged": Variant(merge_adapter=True, compile=False, stop_check_every=None),
+    "merged+stops": Variant(merge_adapter=True, compile=False, stop_check_every=STOP_CHECK_EVERY),
+    "merged+stops+compiled": Variant(merge_adapter=True, compile=True, stop_check_every=STOP_CHECK_EVERY),
+}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.perf_counter() - start
+
+
+def build_generator(run: str, variant: Variant, max_new_tokens: int, batch_size: int | None) -> Generator:
+    loaded = load_for_inference(run)
+    config = GenerateConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.2, merge_adapter=variant.merge_adapter,
+                            compile=variant.compile, batch_size=batch_size)
+    template = pick_template(loaded.template, None, loaded.tokenizer)
+    return Generator(loaded.model, loaded.tokenizer, template, config, stop_check_every=variant.stop_check_every)
+
+
+def one_prompt(generator: Generator, task, new_tokens: int) -> dict:
+    """Decode speed of a single row as `tunebench generate` makes it (stop strings on), EOS held back
+    for `new_tokens` tokens (a stop string may still end it sooner: one_new_tokens says)."""
+    prompt = generator.encode([{"role": "user", "content": task.input}])
+    rates = {}
+    for label in ("cold", "warm"):
+        (answer,), wall = timed(lambda: generator.generate_batch([prompt], new_tokens, min_new_tokens=new_tokens))
+        rates.update({f"one_{label}_tok_s": answer.new_tokens / wall, "one_new_tokens": answer.new_tokens})
+    return rates
+
+
+def all_tasks(generator: Generator, tasks, repeats: int) -> tuple[dict, list[str]]:
+    items = [[{"role": "user", "content": t.input}] for t in tasks]
+    result = {}
+    for label in ("cold", "warm")[:repeats]:
+        answers, wall = timed(lambda: generator.generate(items))
+        new_tokens = sum(a.new_tokens for a in answers)
+        result.update({f"tasks_{label}_wall_s": wall, f"tasks_{label}_tok_s": new_tokens / wall})
+    result.update(tasks=len(tasks), new_tokens=new_tokens, hit_max=sum(not a.stopped for a in answers))
+    return result, [a.text for a in answers]
+
+
+def measure(name: str, args, tasks, out_dir: Path) -> dict:
+    variant = VARIANTS[name]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    generator, load_s = timed(lambda: build_generator(args.run, variant, args.max_new_tokens, args.batch_size))
+    row = {"variant": name, **vars(variant), "load_s": load_s, "device": device_name(),
+           **one_prompt(generator, tasks[0], args.one_prompt_tokens)}
+    summary, texts = all_tasks(generator, tasks, 2 if variant.compile else 1)
+    row.update(summary)
+    if torch.cuda.is_available():
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    (out_dir / f"answers-{name}.json").write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
+    current = out_dir / "answers-current.json"
+    if current.exists():
+        reference = json.loads(current.read_text(encoding="utf-8"))
+        if len(reference) == len(texts):
+            row["differ_from_current"] = sum(a != b for a, b in zip(reference, texts))
+    del generator
+    return row
+
+
 def course_loop(run: str, tasks, max_new_tokens: int) -> dict:
-    """The course sample: tokenizer(prompt) → model.generate, one task at a time."""
+    """The course sample: tokenizer(prompt) → model.generate, one task at a time (issue 4's baseline)."""
     loaded = load_for_inference(run)
     model, tok = loaded.model, loaded.tokenizer
-    new_tokens, outputs = 0, []
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for task in tasks:
-        inputs = tok(render_prompt(task.input, "course"), return_tensors="pt").to(model.device)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.2,
-                                 pad_token_id=tok.pad_token_id)
-        generated = out[0, inputs["input_ids"].shape[1]:]
-        new_tokens += len(generated)
-        outputs.append(tok.decode(generated, skip_special_tokens=True))
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    return {"path": "course loop (1 at a time)", "tasks": len(tasks), "wall_s": wall, "new_tokens": new_tokens,
-            "sample": outputs[0][:120]}
+    new_tokens = 0
+
+    def loop():
+        nonlocal new_tokens
+        for task in tasks:
+            inputs = tok(render_prompt(task.input, "course"), return_tensors="pt").to(model.device)
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.2,
+                                     pad_token_id=tok.pad_token_id)
+            new_tokens += out.shape[1] - inputs["input_ids"].shape[1]
+
+    _, wall = timed(loop)
+    return {"variant": "course loop (1 at a time)", "tasks": len(tasks), "tasks_cold_wall_s": wall,
+            "new_tokens": new_tokens, "tasks_cold_tok_s": new_tokens / wall, "device": device_name()}
 
 
-def tunebench_path(run: str, tasks_file: str, n: int, config: GenerateConfig, label: str) -> dict:
-    out = Path(f"/tmp/gen-{label.split()[-1].strip('()')}.jsonl")
-    out.unlink(missing_ok=True)
-    torch.cuda.synchronize()
-    result = generate_answers(run, tasks_file, out, config)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    return {"path": label, "tasks": n, "wall_s": result.seconds, "new_tokens": result.new_tokens,
-            "hit_max": result.hit_max_tokens, "sample": rows[0]["output"][:120]}
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def smoke_run(root: Path) -> tuple[str, str]:
+    """A tiny random Llama with Gemma's tokenizer, a random (non-zero) LoRA adapter saved as a tunebench
+    run, and six tasks: the whole script on CPU in a minute."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tunebench.models.embedded import embedded_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_checkpoint()))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.2)
+    base = LlamaForCausalLM(config)
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    adapter = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(root / "run" / "adapter")
+    tokenizer.save_pretrained(root / "run" / "adapter")
+    (root / "run" / "adapter" / "tunebench.json").write_text(json.dumps(
+        {"base_model": str(root / "base"), "method": "lora", "template": "course"}))
+    tasks = root / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"task_id": i, "input": q}, ensure_ascii=False) + "\n" for i, q in enumerate(
+        ["日本の首都は？", "春の詩を書いてください。", "1+1は？", "自己紹介をしてください。", "おすすめの本は？", "こんにちは"])),
+        encoding="utf-8")
+    return str(root / "run"), str(tasks)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{rows[0]['device']}  torch {torch.__version__}")
+    print(f"{'variant':<26}{'1 prompt tok/s':>16}{'tasks':>6}{'wall s':>9}{'new tok':>9}{'tok/s':>8}"
+          f"{'warm wall s':>12}{'warm tok/s':>11}{'differ':>7}{'peak GiB':>9}")
+    for r in rows:
+        one = f"{r['one_cold_tok_s']:.0f}/{r['one_warm_tok_s']:.0f}" if "one_warm_tok_s" in r else "-"
+        warm_wall = f"{r['tasks_warm_wall_s']:.1f}" if "tasks_warm_wall_s" in r else "-"
+        warm_rate = f"{r['tasks_warm_tok_s']:.0f}" if "tasks_warm_tok_s" in r else "-"
+        print(f"{r['variant']:<26}{one:>16}{r['tasks']:>6}{r['tasks_cold_wall_s']:>9.1f}{r['new_tokens']:>9}"
+              f"{r['tasks_cold_tok_s']:>8.0f}{warm_wall:>12}{warm_rate:>11}{str(r.get('differ_from_current', '-')):>7}"
+              f"{r.get('peak_gib', 0):>9.2f}")
+    print("1 prompt tok/s: cold/warm (cold includes compiling); differ: answers unlike the current path's")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--run", required=True)
-    parser.add_argument("--tasks", required=True)
-    parser.add_argument("--baseline-tasks", type=int, default=20)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", help="a tunebench LoRA run (e.g. /tmp/bench-runs/gemma-lora-512 from train_gpu.py)")
+    parser.add_argument("--tasks", help="ELYZA-tasks-100-TV JSONL (task_id, input)")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="paths to measure, in order (default: all); current first gives the 'differ' column")
     parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[16])
+    parser.add_argument("--one-prompt-tokens", type=int, default=128)
+    parser.add_argument("--limit", type=int, help="only the first N tasks")
+    parser.add_argument("--batch-size", type=int, help="rows per batch (default: automatic, as generate.batch_size)")
+    parser.add_argument("--baseline-tasks", type=int, default=0, help="also time the course loop on N tasks")
+    parser.add_argument("--out-dir", default="/tmp/generate-speed", help="JSON lines and answers files "
+                        "(default: %(default)s; copied into $OUT when set)")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny random model + adapter, 16 tokens, on CPU")
     args = parser.parse_args()
-    tasks = load_tasks(args.tasks)
-    base = GenerateConfig(max_new_tokens=args.max_new_tokens, repetition_penalty=1.2)
-    results = [tunebench_path(args.run, args.tasks, len(tasks), base, "tunebench default (auto batch)")]
-    for size in args.batch_sizes:
-        fixed = dataclasses.replace(base, batch_size=size)
-        results.append(tunebench_path(args.run, args.tasks, len(tasks), fixed, f"tunebench batch {size}"))
-    results.append(course_loop(args.run, tasks[: args.baseline_tasks], args.max_new_tokens))
-    for r in results:
-        print(json.dumps(r, ensure_ascii=False), flush=True)
-    course = results[-1]
-    per_task = course["wall_s"] / course["tasks"]
-    print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  max_new_tokens {args.max_new_tokens}")
-    print(f"{'path':<28}{'tasks':>6}{'wall s':>9}{'new tok':>9}{'tok/s':>9}{'s/task':>8}{'speed-up/task':>15}")
-    for r in results:
-        s_task = r["wall_s"] / r["tasks"]
-        print(f"{r['path']:<28}{r['tasks']:>6}{r['wall_s']:>9.1f}{r['new_tokens']:>9}{r['new_tokens'] / r['wall_s']:>9.0f}"
-              f"{s_task:>8.2f}{per_task / s_task:>14.1f}x")
+    if args.cpu_smoke:
+        args.run, args.tasks = smoke_run(Path(tempfile.mkdtemp(prefix="generate-speed-smoke-")))
+        args.max_new_tokens, args.one_prompt_tokens = 16, 8
+    elif not (args.run and args.tasks):
+        parser.error("--run and --tasks are needed (or --cpu-smoke)")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = load_tasks(args.tasks)[: args.limit]
+    rows = []
+    for name in args.variants:
+        rows.append(measure(name, args, tasks, out_dir))
+        print(json.dumps(rows[-1], ensure_ascii=False), flush=True)
+    if args.baseline_tasks:
+        rows.append(course_loop(args.run, tasks[: args.baseline_tasks], args.max_new_tokens))
+        print(json.dumps(rows[-1], ensure_ascii=False), flush=True)
+    with (out_dir / "generate_speed.jsonl").open("a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps({**row, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                                     "torch": torch.__version__,
+                                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                                    ensure_ascii=False) + "\n")
+    if os.environ.get("OUT"):
+        for path in out_dir.iterdir():
+            shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+    if rows:
+        print_table(rows)
 
 
 if __name__ == "__main__":

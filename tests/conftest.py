@@ -54,3 +54,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not found (set TUNEBENCH_SHARED_DATA to the course's shared/data folder)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, tiny_model_dir):
+    """A tunebench LoRA run on the tiny model (3 steps, a learning rate high enough to change answers)."""
+    import json
+
+    from tunebench.config import load_config
+    from tunebench.runs import RunDir
+    from tunebench.train.sft import train
+
+    root = tmp_path_factory.mktemp("lora-run")
+    data = root / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "挨拶して", "input": "", "output": "こんにちは"}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    config = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.sources=[{{path: '{data}'}}]",
+                                "data.contamination_sets=[]", "train.method=lora", "train.max_steps=3",
+                                "train.learning_rate=5e-2", "train.lora_dropout=0.0", "train.warmup_steps=0"])
+    run = RunDir(root / "run")
+    train(config, run)
+    return run

@@ -155,6 +155,12 @@ class GenerateConfig:
     stop: list[str] | None = option(None, help="stop strings; null: the template's own")
     backend: Literal["transformers", "vllm"] = option("transformers", help="vllm when installed")
     limit: int | None = option(None, range="≥ 1", help="answer only the first N tasks (quick runs)")
+    merge_adapter: Literal["auto"] | bool = option(
+        "auto", help="fold a LoRA adapter into the weights in memory for generating (the files on disk "
+        "unchanged); auto/true: when the base is not 4-bit (a 4-bit base keeps the adapter)")
+    compile: Literal["auto"] | bool = option(
+        "auto", help="static KV cache and a torch.compile'd decode step; auto: on a CUDA GPU, for task "
+        "sets (not serve's one-off prompts); true on CPU: the static cache without compiling")
 
 
 @dataclass

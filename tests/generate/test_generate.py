@@ -41,11 +41,16 @@ def test_batched_greedy_equals_one_at_a_time(tiny_model_dir):
     assert next(tiny.model.parameters()).dtype == torch.float64
     prompts = [[{"role": "user", "content": q}] for q in ["日本の首都は？", "春の詩を書いてください。長めにお願いします。",
                                                           "1+1は？", "こんにちは、元気ですか？"]]
-    batched = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(max_new_tokens=12, batch_size=4, **LIVELY))
     single = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(max_new_tokens=12, batch_size=1, **LIVELY))
-    a, b = batched.generate(prompts), single.generate(prompts)
-    assert [x.text for x in a] == [x.text for x in b]
-    assert all(x.text for x in a) and len({x.text for x in a}) == 4
+    b = single.generate(prompts)
+    assert all(x.text for x in b) and len({x.text for x in b}) == 4
+    # batch 2: the prompts are sorted by length into two batches (the two longest together) and the answers
+    # come back in input order
+    for size in (4, 2):
+        batched = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(max_new_tokens=12, batch_size=size,
+                                                                                 **LIVELY))
+        a = batched.generate(prompts)
+        assert [x.text for x in a] == [x.text for x in b] and [x.index for x in a] == [0, 1, 2, 3]
 
 
 def test_generate_writes_task_order_and_resumes_after_crash(tmp_path, tiny_model_dir, tasks_file, monkeypatch):
@@ -92,9 +97,9 @@ def test_empty_answer_is_retried_with_eos_suppressed(tiny, monkeypatch):
     seen = []
     real = Generator.generate_batch
 
-    def first_empty(self, prompts, max_new_tokens=None, min_new_tokens=0):
+    def first_empty(self, prompts, max_new_tokens=None, min_new_tokens=0, **kwargs):
         seen.append(min_new_tokens)
-        answers = real(self, prompts, max_new_tokens, min_new_tokens)
+        answers = real(self, prompts, max_new_tokens, min_new_tokens, **kwargs)
         if min_new_tokens == 0:
             answers[0].text = ""
         return answers

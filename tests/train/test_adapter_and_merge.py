@@ -3,25 +3,8 @@ import json
 import pytest
 import torch
 
-from tunebench.config import load_config
-from tunebench.runs import RunDir
 from tunebench.train.merge import merge
 from tunebench.train.push import push
-from tunebench.train.sft import train
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("lora-run")
-    data = root / "d.jsonl"
-    data.write_text(json.dumps({"instruction": "挨拶して", "input": "", "output": "こんにちは"}, ensure_ascii=False) + "\n",
-                    encoding="utf-8")
-    config = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.sources=[{{path: '{data}'}}]",
-                                "data.contamination_sets=[]", "train.method=lora", "train.max_steps=3",
-                                "train.learning_rate=5e-2", "train.lora_dropout=0.0", "train.warmup_steps=0"])
-    run = RunDir(root / "run")
-    train(config, run)
-    return run
 
 
 def ids():

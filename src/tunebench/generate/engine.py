@@ -7,16 +7,26 @@ with an attention mask, so greedy batched outputs equal one-at-a-time outputs.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 import torch
+from transformers import StoppingCriteriaList
 
 from tunebench.config import GenerateConfig
 from tunebench.data.templates import get_template, stop_token_ids
 from tunebench.data.tokens import encode_prompt, special_prefix
+from tunebench.generate.merge_adapter import merge_for_generation
+from tunebench.generate.stops import STOP_CHECK_EVERY, StopStringsEvery, tokens_until_stop
+
+log = logging.getLogger(__name__)
 
 EMPTY_RETRY_MIN_TOKENS = 8
+# With a static cache each distinct prompt width is a new compiled graph: widths are rounded up to
+# a multiple of this (extra left padding, which greedy answers do not depend on).
+STATIC_WIDTH_MULTIPLE = 64
 
 
 @dataclass
@@ -46,6 +56,20 @@ def clean_answer(text: str, stops: list[str]) -> tuple[str, bool]:
     return text.strip(), cut >= 0
 
 
+def uses_static_cache(setting: str | bool, device: torch.device, task_set: bool) -> bool:
+    """generate.compile: auto compiles on a CUDA GPU only (on CPU compiling costs more than it saves) and
+    only the batches of a task set, where a few shapes repeat over many rows; serve's and the local
+    judge's one-off prompts (and an empty answer's retry) would each pay a compile of their own shape."""
+    return device.type == "cuda" and task_set if setting == "auto" else bool(setting)
+
+
+@functools.cache
+def warn_static_cache_uncompiled() -> None:
+    """Once per process: serve makes a Generator per request."""
+    log.warning("generate.compile: true off a CUDA GPU uses the static KV cache without compiling "
+                "(transformers compiles the decode step on GPUs only)")
+
+
 def kv_bytes_per_token(model_config, dtype_bytes: int = 2) -> int:
     """Bytes of key/value cache one token takes across all layers."""
     text = getattr(model_config, "text_config", None) or model_config
@@ -68,20 +92,32 @@ def auto_batch_size(model, n_items: int, longest_prompt: int, max_new_tokens: in
 
 
 class Generator:
-    """Holds a model, tokenizer and template; turns instructions into answers."""
+    """Holds a model, tokenizer and template; turns instructions into answers.
 
-    def __init__(self, model, tokenizer, template: str, config: GenerateConfig):
-        self.model = model
+    A LoRA adapter on an unquantised base is merged into the model passed in (in place) unless
+    generate.merge_adapter is false. `stop_check_every`: stop strings are checked on the host every
+    that many tokens; None checks them on every token with transformers' own `stop_strings`."""
+
+    def __init__(self, model, tokenizer, template: str, config: GenerateConfig,
+                 stop_check_every: int | None = STOP_CHECK_EVERY):
+        self.model = merge_for_generation(model, config.merge_adapter)
         self.tokenizer = tokenizer
         self.template = template
         self.config = config
         self.stops = stop_strings_for(config, template)
         self.eos_ids = stop_token_ids(tokenizer, template)
         self.prefix = special_prefix(tokenizer)
+        self.stop_check_every = stop_check_every
+        self.static_cache_failed = False  # set when a compiled decode failed under generate.compile: auto
+        if config.compile is True and next(self.model.parameters()).device.type != "cuda":
+            warn_static_cache_uncompiled()
 
     def with_settings(self, **changes) -> Generator:
         """The same model, tokenizer and template with some generate settings changed (per request)."""
-        return Generator(self.model, self.tokenizer, self.template, replace(self.config, **changes))
+        generator = Generator(self.model, self.tokenizer, self.template, replace(self.config, **changes),
+                              self.stop_check_every)
+        generator.static_cache_failed = self.static_cache_failed
+        return generator
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_prompt(messages, self.template, self.tokenizer, self.prefix)
@@ -104,25 +140,62 @@ class Generator:
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int | None = None,
-                       min_new_tokens: int = 0, stopping_criteria=None, streamer=None) -> list[Answer]:
+                       min_new_tokens: int = 0, stopping_criteria=None, streamer=None,
+                       task_set: bool = False) -> list[Answer]:
         """One batch of encoded prompts, left-padded. `stopping_criteria` (a transformers
-        StoppingCriteriaList) and `streamer` are passed to model.generate (serve uses them)."""
+        StoppingCriteriaList) and `streamer` are passed to model.generate (serve uses them);
+        `task_set`: a batch of `generate` (see uses_static_cache).
+
+        Under generate.compile: auto, a static-cache/compiled decode that fails (a model or torch
+        version torch.compile cannot handle) is reported once and the batch generated without it."""
+        device = next(self.model.parameters()).device
+        static = uses_static_cache(self.config.compile, device, task_set) and not self.static_cache_failed
+        try:
+            return self.decode(prompts, max_new_tokens, min_new_tokens, stopping_criteria, streamer, static)
+        except Exception as exc:  # whatever torch.compile raises; the plain path reraises real faults
+            if not static or self.config.compile is True or streamer is not None or \
+                    isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            log.warning("generate.compile: the static-cache decode step failed (%s: %s); generating without it "
+                        "(generate.compile: false skips trying)", type(exc).__name__, str(exc).split("\n")[0][:200])
+            self.static_cache_failed = True
+        return self.decode(prompts, max_new_tokens, min_new_tokens, stopping_criteria, streamer, False)
+
+    def decode(self, prompts: list[list[int]], max_new_tokens: int | None, min_new_tokens: int, stopping_criteria,
+               streamer, static: bool) -> list[Answer]:
+        """model.generate on the left-padded batch; `static`: the static KV cache (compiled on a GPU)."""
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
+        kwargs = self.generation_kwargs(max_new_tokens, min_new_tokens)
+        if static:
+            # transformers compiles the decode step itself when the cache is static and the device a GPU
+            kwargs["cache_implementation"] = "static"
+            width = -(-width // STATIC_WIDTH_MULTIPLE) * STATIC_WIDTH_MULTIPLE
+        criteria = list(stopping_criteria or [])
+        host_stops = self.stops and streamer is None and self.stop_check_every  # a stream checks every token
+        if host_stops:
+            del kwargs["stop_strings"], kwargs["tokenizer"]
+            criteria.append(StopStringsEvery(self.tokenizer, self.stops, width, self.stop_check_every))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = self.model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=stopping_criteria,
-                                  streamer=streamer, **self.generation_kwargs(max_new_tokens, min_new_tokens))
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer,
+                                  stopping_criteria=StoppingCriteriaList(criteria) if criteria else None, **kwargs)
+        return self.read_answers(out[:, width:].tolist(), bool(host_stops))
+
+    def read_answers(self, generated: list[list[int]], host_stops: bool) -> list[Answer]:
+        """Each row's new tokens up to EOS/pad (and, with host stop checks, up to its stop string) as text."""
         answers = []
         # A finished row is filled with pad ids until the batch ends: those are not generated text.
-        ends = set(self.eos_ids) | {pad}
-        for row, tokens in enumerate(out[:, width:].tolist()):
+        ends = set(self.eos_ids) | {self.tokenizer.pad_token_id}
+        for row, tokens in enumerate(generated):
             ended_by_eos = False
             for cut, token in enumerate(tokens):
                 if token in ends:
                     tokens, ended_by_eos = tokens[:cut], True
                     break
+            if host_stops:  # drop what was generated after the stop string, up to the next check
+                tokens = tokens[: tokens_until_stop(self.tokenizer, tokens, self.stops) or len(tokens)]
             text, stopped = clean_answer(self.tokenizer.decode(tokens, skip_special_tokens=True), self.stops)
             answers.append(Answer(row, text, len(tokens), stopped or ended_by_eos))
         return answers
@@ -138,7 +211,7 @@ class Generator:
             self.model, len(items), max((len(e) for e in encoded), default=1), self.config.max_new_tokens)
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            for position, answer in zip(chunk, self.generate_batch([encoded[i] for i in chunk])):
+            for position, answer in zip(chunk, self.generate_batch([encoded[i] for i in chunk], task_set=True)):
                 if not answer.text:
                     # An immediate EOS or stop string leaves nothing, which a submission may not hold:
                     # answer again with EOS suppressed for the first tokens.
