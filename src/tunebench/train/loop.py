@@ -18,6 +18,7 @@ from tqdm import tqdm
 from tunebench.config import Config, TrainConfig
 from tunebench.runs import RunDir, append_jsonl
 from tunebench.train.checkpoint import optimizer_state, save_checkpoint, trainable_state
+from tunebench.train.compile import bucket_batch, compile_seconds
 from tunebench.train.distributed import Dist
 from tunebench.train.loss import evaluate
 from tunebench.train.methods import get_method
@@ -92,6 +93,7 @@ class Window:
     tokens: int = 0
     steps: int = 0
     started: float = field(default_factory=time.perf_counter)
+    compiled_before: float = field(default_factory=compile_seconds)  # compile time is not step time
 
     def add(self, stats: dict[str, float]) -> None:
         for key, value in stats.items():
@@ -130,6 +132,8 @@ def train_step(state: TrainState, objective: Objective, step_batches: list[list[
     micro = objective.micro_batches([[rows[i] for i in idx] for idx in step_batches[dist.rank :: dist.world]],
                                     state.tokenizer.pad_token_id, state.step_tokens)
     for k, (batch, real_tokens) in enumerate(micro):
+        if t.compile:  # a bounded set of lengths for the compiled layers (train/compile.py)
+            batch = bucket_batch(batch, state.tokenizer.pad_token_id)
         batch = {key: v.to(state.device) for key, v in batch.items()}
         with dist.no_sync(model, last=k == len(micro) - 1):
             with state.autocast():
@@ -152,12 +156,15 @@ def log_window(state: TrainState, objective: Objective, window: Window, done: in
                trackers: Trackers) -> dict:
     """Write one metrics line for the window ending at step `done`."""
     dist = state.dist
-    elapsed = time.perf_counter() - window.started
+    compiled = compile_seconds() - window.compiled_before
+    elapsed = time.perf_counter() - window.started - compiled
     sums = {key: dist.sum(value) for key, value in window.sums.items()}
     record = {"step": done, **objective.record(sums, window.weight),
               "learning_rate": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
               "tokens_per_s": dist.sum(window.tokens) / elapsed if elapsed else 0.0,
               "epoch": done * state.per_step * state.train.per_device_train_batch_size / len(state.rows)}
+    if compiled:
+        record["compile_s"] = compiled
     if state.device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(state.device) / 2**30
         if dist.world > 1:  # sharded, the ranks' peaks differ a little (uneven shards, rank 0's saves)
