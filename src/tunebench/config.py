@@ -114,10 +114,11 @@ class TrainConfig:
         "GPU one layer ahead of use (qlora/lora, gradient checkpointing, one process); null (auto): on for those "
         "on a GPU when the frozen decoder weights are at least 1 GiB and the host has twice that free")
     compile: bool | Literal["auto"] = option(
-        "auto", help="torch.compile each decoder layer (regional: one graph serves every layer; works with gradient "
-        "checkpointing, LoRA/DoRA, 4-bit and DDP); sequence lengths are padded to a multiple of 128 so a run "
-        "compiles a bounded number of graphs, and compile time is logged apart from step time (compile_s); "
-        "auto: on with CUDA unless offload_frozen is on or fsdp shards the model, off on CPU; true insists")
+        "auto", help="torch.compile each decoder layer (regional: one graph serves every layer, inside gradient "
+        "checkpointing, with LoRA, 4-bit and DDP); lengths are padded to a multiple of 128 so a run compiles a "
+        "bounded number of graphs; compile time is logged apart from step time (compile_s in metrics.jsonl); "
+        "auto: on with CUDA unless offload_frozen is on, fsdp shards the model or use_dora is set (peft's DoRA "
+        "cannot be traced), off on CPU; true insists (on CPU: inductor's C++ backend, minutes of compiling)")
     sharding: Literal["none", "fsdp"] = option(
         "none", help="with --gpus N > 1: none copies the whole model to every GPU (data parallel); fsdp shards "
         "weights, gradients and optimizer state across the GPUs (FSDP2, one unit per decoder layer), for models "

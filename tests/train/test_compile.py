@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from tunebench.config import TrainConfig, load_config
@@ -119,13 +120,13 @@ def test_graphs_stay_bounded_over_steps_of_varying_length(kind, variants):
     assert 1 <= counters["stats"]["unique_graphs"] <= 2 * variants, dict(counters["stats"])
 
 
-def test_buckets_bound_the_graphs_even_with_static_shapes(monkeypatch):
+def test_buckets_bound_the_graphs_even_with_static_shapes():
     """With automatic dynamic shapes off (or a model whose code specialises on the length), the buckets are
     the bound: one graph per bucket (4), not one per length (10)."""
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
     model = lora_model(kind="llama")
     compile_layers(model, backend=BACKEND)
-    losses_and_grads(model, [bucket_batch(b, 0) for b in joined_batches(LENGTHS)], answer_only_logits=False)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        losses_and_grads(model, [bucket_batch(b, 0) for b in joined_batches(LENGTHS)], answer_only_logits=False)
     assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
 
 
@@ -164,14 +165,16 @@ def test_bucket_padding_of_padded_rows_masks_the_padding():
     assert bucket_batch(padded, 0, multiple=16) is padded
 
 
-def test_dora_layers_compile_to_eager_loss(tiny_model_dir):
-    """DoRA under checkpointing: the loss and gradients stay eager's (peft's DoRA layer may break the graph,
-    in which case dynamo runs that part eagerly: slower, never wrong)."""
+def test_dora_layers_compiled_give_eager_loss(tiny_model_dir):
+    """DoRA with train.compile: true: the loss and gradients stay eager's. peft's DoRA layer breaks dynamo's
+    graph (a cache dict cleared inside the checkpointed forward), so the layer runs eagerly: no gain, which is
+    why auto leaves compile off for DoRA; this checks it is never wrong."""
     batches = [bucket_batch(b, 0) for b in joined_batches([150, 200], vocab=5000)]
     eager_losses, eager_grads = losses_and_grads(lora_model(tiny_model_dir, dora=True), batches)
     model = lora_model(tiny_model_dir, dora=True)
     compile_layers(model, backend=BACKEND)
     losses, grads = losses_and_grads(model, batches)
+    assert counters["graph_break"]  # if peft's DoRA becomes traceable, auto can turn compile on for it
     torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-5, atol=1e-5 * float(eager_grads[name].abs().max()))
@@ -185,6 +188,8 @@ def test_auto_is_on_for_cuda_only_and_yields_to_offload_and_fsdp():
     assert use_compile("auto", cuda, offload=True, sharded=False) is False
     assert use_compile("auto", cuda, offload=False, sharded=True) is False
     assert use_compile(False, cuda, offload=False, sharded=False) is False
+    assert use_compile("auto", cuda, offload=False, sharded=False, dora=True) is False  # no gain: see below
+    assert use_compile(True, cuda, offload=False, sharded=False, dora=True) is True
     with pytest.raises(ConfigError, match="train.compile: it does not work with train.offload_frozen"):
         use_compile(True, cuda, offload=True, sharded=False)
 
@@ -210,7 +215,7 @@ def test_train_with_compile_true_on_cpu_matches_eager_and_logs_compile_time(tmp_
             {"instruction": "一足す一は？", "input": "", "output": "二です。"},
             {"instruction": "空の色は？", "input": "", "output": "青です。"}]
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    curves = {}
+    curves, saved = {}, {}
     for setting in ("false", "true"):
         config = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.sources=[{{path: '{data}'}}]",
                                     "data.contamination_sets=[]", "train.per_device_train_batch_size=2",
@@ -218,9 +223,14 @@ def test_train_with_compile_true_on_cpu_matches_eager_and_logs_compile_time(tmp_
                                     "train.logging_steps=1", "train.lora_dropout=0.0", "train.max_steps=3", "train.method=lora",
                                     f"train.compile={setting}"])
         run = RunDir(tmp_path / f"run-{setting}")
-        train(config, run)
+        adapter = train(config, run)
         curves[setting] = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+        saved[setting] = load_file(adapter / "adapter_model.safetensors")
     eager, compiled = curves["false"], curves["true"]
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-5)
     assert compiled[0]["compile_s"] > 0 and "compile_s" not in eager[0]
     assert all(r["tokens_per_s"] > 0 for r in compiled)
+    # compiled in place: the adapter is saved under the same names (no _orig_mod), with eager's values
+    assert saved["true"].keys() == saved["false"].keys()
+    for name, tensor in saved["true"].items():
+        torch.testing.assert_close(tensor, saved["false"][name], rtol=1e-4, atol=1e-6)

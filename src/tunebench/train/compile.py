@@ -41,18 +41,24 @@ BACKEND = "inductor"  # the tests use aot_eager: the same tracing, without C++/T
 RECOMPILE_LIMIT = 64
 
 
-def use_compile(setting: bool | str, device: torch.device | None, offload: bool, sharded: bool) -> bool:
+def use_compile(setting: bool | str, device: torch.device | None, offload: bool, sharded: bool,
+                dora: bool = False) -> bool:
     """Resolve train.compile: auto is on for CUDA (off on CPU, where kernel launches cost little and the
-    compile would only add minutes), unless offload or sharding rule it out; true insists, false declines."""
+    compile would only add minutes), unless offload or sharding rule it out; true insists, false declines.
+    DoRA: auto stays off, since dynamo cannot trace peft's DoRA layer (it clears a cache dict inside the
+    checkpointed forward and reads a weight class's module name), so the layer would run eagerly anyway;
+    true compiles what dynamo can and gives eager's results."""
     if setting is False:
         return False
     why = compile_refusal(offload, sharded)
     if why and setting is True:
         raise ConfigError(f"train.compile: {why}; set train.compile to auto or false")
-    if why:
-        log.info("train.compile auto: off (%s)", why)
+    if setting != "auto":
+        return True
+    if why or dora:
+        log.info("train.compile auto: off (%s)", why or "peft's DoRA layers cannot be traced: no gain")
         return False
-    return setting is True or (device is not None and device.type == "cuda")
+    return device is not None and device.type == "cuda"
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -113,23 +119,27 @@ class CompileClock:
     def end(self, args) -> None:
         if self.started is None:
             return
+        from torch._dynamo.utils import counters
+
         took, self.started = time.perf_counter() - self.started, None
         self.total += took
         self.graphs += 1
-        log.info("compile: %s %.1f s (%.1f s in all)", getattr(args.callback_trigger, "name", "graph").lower(),
-                 took, self.total)
+        # Graph breaks mean parts of a layer run eagerly (slower, not wrong): TORCH_LOGS=graph_breaks says where.
+        log.info("compile: %s %.1f s (%.1f s in all, %d graph breaks)",
+                 getattr(args.callback_trigger, "name", "graph").lower(), took, self.total,
+                 sum(counters["graph_break"].values()))
 
 
 CLOCK: CompileClock | None = None
 
 
 def start_clock() -> None:
-    """Register the clock with dynamo once per process."""
+    """Register the clock with dynamo (again after torch._dynamo.reset(), which drops the callbacks)."""
     global CLOCK
-    if CLOCK is None:
-        from torch._dynamo.callback import callback_handler
+    from torch._dynamo.callback import callback_handler
 
-        CLOCK = CompileClock()
+    CLOCK = CLOCK or CompileClock()
+    if CLOCK.start not in callback_handler.start_callbacks:
         callback_handler.register_start_callback(CLOCK.start)
         callback_handler.register_end_callback(CLOCK.end)
 
