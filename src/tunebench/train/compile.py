@@ -77,7 +77,9 @@ def compile_layers(model, backend: str | None = None) -> int:
     adapter are unchanged, and DDP can wrap the model afterwards."""
     import torch._dynamo
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     start_clock()
     layers = decoder_layers(model)
     for layer in layers:
@@ -113,10 +115,10 @@ class CompileClock:
         self.graphs = 0
         self.started: float | None = None
 
-    def start(self, _args) -> None:
+    def start(self, *_args) -> None:  # older torch calls the callbacks with no argument
         self.started = time.perf_counter()
 
-    def end(self, args) -> None:
+    def end(self, *args) -> None:
         if self.started is None:
             return
         from torch._dynamo.utils import counters
@@ -124,10 +126,10 @@ class CompileClock:
         took, self.started = time.perf_counter() - self.started, None
         self.total += took
         self.graphs += 1
+        trigger = getattr(args[0], "callback_trigger", None) if args else None  # dynamo, lazy_backward, ...
         # Graph breaks mean parts of a layer run eagerly (slower, not wrong): TORCH_LOGS=graph_breaks says where.
-        log.info("compile: %s %.1f s (%.1f s in all, %d graph breaks)",
-                 getattr(args.callback_trigger, "name", "graph").lower(), took, self.total,
-                 sum(counters["graph_break"].values()))
+        log.info("compile: %s %.1f s (%.1f s in all, %d graph breaks)", getattr(trigger, "name", "graph").lower(),
+                 took, self.total, sum(counters["graph_break"].values()))
 
 
 CLOCK: CompileClock | None = None
