@@ -194,6 +194,14 @@ def test_auto_is_on_for_cuda_only_and_yields_to_offload_and_fsdp():
         use_compile(True, cuda, offload=True, sharded=False)
 
 
+def test_compile_true_on_cpu_without_a_cpp_compiler_says_what_to_install(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(compile_module.shutil, "which", lambda _name: None)
+    with pytest.raises(ConfigError, match="needs a C.. compiler for inductor"):
+        use_compile(True, torch.device("cpu"), offload=False, sharded=False)
+    assert use_compile("auto", torch.device("cpu"), offload=False, sharded=False) is False  # auto never needs one
+
+
 def test_config_refuses_compile_with_offload_or_fsdp_and_reads_auto():
     assert load_config(None, []).train.compile == "auto"
     assert load_config(None, ["train.compile=true"]).train.compile is True

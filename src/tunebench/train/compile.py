@@ -23,6 +23,8 @@ lazily compiled backward included), so the loop can log tokens/s without it.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 
 import torch
@@ -54,11 +56,18 @@ def use_compile(setting: bool | str, device: torch.device | None, offload: bool,
     if why and setting is True:
         raise ConfigError(f"train.compile: {why}; set train.compile to auto or false")
     if setting != "auto":
+        if device is not None and device.type == "cpu" and BACKEND == "inductor" and not cpp_compiler():
+            raise ConfigError("train.compile: true on CPU needs a C++ compiler for inductor (g++ or clang++ on PATH, "
+                              "or CXX); install one, or set train.compile to auto or false")
         return True
     if why or dora:
         log.info("train.compile auto: off (%s)", why or "peft's DoRA layers cannot be traced: no gain")
         return False
     return device is not None and device.type == "cuda"
+
+
+def cpp_compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
 
 
 def decoder_layers(model) -> nn.ModuleList:
