@@ -113,6 +113,13 @@ class TrainConfig:
         None, help="keep the frozen base weights in pinned host memory and stream each decoder layer to the "
         "GPU one layer ahead of use (qlora/lora, gradient checkpointing, one process); null (auto): on for those "
         "on a GPU when the frozen decoder weights are at least 1 GiB and the host has twice that free")
+    compile: bool | Literal["auto"] = option(
+        False, help="torch.compile each decoder layer (regional: one graph serves every layer, inside gradient "
+        "checkpointing, with LoRA, 4-bit and DDP); lengths are padded to a multiple of 128 so a run compiles a "
+        "bounded number of graphs; compile time is logged apart from step time (compile_s in metrics.jsonl); "
+        "auto: on with CUDA unless offload_frozen is on, fsdp shards the model or use_dora is set (peft's DoRA "
+        "cannot be traced), off on CPU; true insists (on CPU: inductor's C++ backend, minutes of compiling); "
+        "the default stays false until its speed is measured on a GPU (docs/PERFORMANCE.md)")
     sharding: Literal["none", "fsdp"] = option(
         "none", help="with --gpus N > 1: none copies the whole model to every GPU (data parallel); fsdp shards "
         "weights, gradients and optimizer state across the GPUs (FSDP2, one unit per decoder layer), for models "
@@ -159,8 +166,9 @@ class GenerateConfig:
         "auto", help="fold a LoRA adapter into the weights in memory for generating (the files on disk "
         "unchanged); auto/true: when the base is not 4-bit (a 4-bit base keeps the adapter)")
     compile: Literal["auto"] | bool = option(
-        "auto", help="static KV cache and a torch.compile'd decode step; auto: on a CUDA GPU, for task "
-        "sets (not serve's one-off prompts); true on CPU: the static cache without compiling")
+        False, help="static KV cache and a torch.compile'd decode step; auto: on a CUDA GPU, for task "
+        "sets (not serve's one-off prompts); true on CPU: the static cache without compiling; the default stays "
+        "false until its speed and answers are measured on a GPU (docs/PERFORMANCE.md)")
 
 
 @dataclass

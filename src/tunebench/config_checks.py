@@ -1,8 +1,8 @@
 """Checks of a whole config before any work starts: every numeric key against its stated range, and
 the combinations of settings that cannot work together. Each problem is one line naming the key.
 
-The automatic settings (`train.answer_only_logits`, `train.offload_frozen`) are decided later, once
-the model is loaded (train/loss.py, train/offload.py); the refusals that need no model live here,
+The automatic settings (`train.answer_only_logits`, `train.offload_frozen`, `train.compile`) are decided
+later, once the model is loaded (train/loss.py, train/offload.py, train/compile.py); the refusals that need no model live here,
 and those modules ask the same rules, so a setting is refused by one rule in one place.
 """
 
@@ -71,6 +71,17 @@ def offload_refusal(method: str, checkpointing: bool, world: int) -> str | None:
     return None
 
 
+def compile_refusal(offload: bool, sharded: bool) -> str | None:
+    """Why train.compile cannot run with these levers (None: it can). Offload's hooks move weights between
+    host and GPU inside the layer, where the compiled graph would trace them; FSDP's hooks gather weights
+    around each layer in the same place (not yet tried compiled)."""
+    if offload:
+        return "it does not work with train.offload_frozen (its hooks move weights inside the compiled layers)"
+    if sharded:
+        return "it does not work with train.sharding fsdp on several processes yet (use sharding: none, DDP)"
+    return None
+
+
 def combination_problems(config: Config, world_size: int) -> list[str]:
     """Settings that are each valid but cannot work together."""
     t, problems = config.train, []
@@ -88,6 +99,8 @@ def combination_problems(config: Config, world_size: int) -> list[str]:
         problems.append(f"'train.answer_only_logits': {why}; set it to false or leave it null")
     if t.offload_frozen and (why := offload_refusal(t.method, t.gradient_checkpointing, world_size)):
         problems.append(f"'train.offload_frozen': {why}; set it to false or leave it null")
+    if t.compile is True and (why := compile_refusal(t.offload_frozen is True, sharded)):
+        problems.append(f"'train.compile': {why}; set train.compile to auto or false, or turn the other off")
     if config.generate.do_sample and config.generate.temperature == 0:
         problems.append("'generate.temperature' must be > 0 with generate.do_sample: true "
                         "(for greedy answers set do_sample: false)")

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from tunebench.config import Config, TrainConfig
 from tunebench.runs import RunDir, append_jsonl
 from tunebench.train.checkpoint import optimizer_state, save_checkpoint, trainable_state
+from tunebench.train.compile import bucket_batch, compile_seconds
 from tunebench.train.distributed import Dist
 from tunebench.train.loss import evaluate
 from tunebench.train.methods import get_method
@@ -93,6 +94,7 @@ class Window:
     tokens: int = 0
     steps: int = 0
     started: float = field(default_factory=time.perf_counter)
+    compiled_before: float = field(default_factory=compile_seconds)  # compile time is not step time
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         """Sum on the device, in float64 (as the numbers would be on the host), without a sync."""
@@ -134,6 +136,8 @@ def train_step(state: TrainState, objective: Objective, step_batches: list[list[
     micro = objective.micro_batches([[rows[i] for i in idx] for idx in step_batches[dist.rank :: dist.world]],
                                     state.tokenizer.pad_token_id, state.step_tokens)
     for k, (batch, real_tokens) in enumerate(micro):
+        if t.compile:  # a bounded set of lengths for the compiled layers (train/compile.py)
+            batch = bucket_batch(batch, state.tokenizer.pad_token_id)
         batch = {key: v.to(state.device) for key, v in batch.items()}
         with dist.no_sync(model, last=k == len(micro) - 1):
             with state.autocast():
@@ -159,11 +163,14 @@ def log_window(state: TrainState, objective: Objective, window: Window, done: in
     # one all-reduce, which waits for the window's GPU work, so the time below is all of it
     sums = dist.sum_all({**window.sums, "tokens": window.tokens})
     tokens = sums.pop("tokens")
-    elapsed = time.perf_counter() - window.started
+    compiled = compile_seconds() - window.compiled_before
+    elapsed = time.perf_counter() - window.started - compiled
     record = {"step": done, **objective.record(sums, window.weight),
               "learning_rate": state.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
               "tokens_per_s": tokens / elapsed if elapsed else 0.0,
               "epoch": done * state.per_step * state.train.per_device_train_batch_size / len(state.rows)}
+    if compiled:
+        record["compile_s"] = compiled
     if state.device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(state.device) / 2**30
         if dist.world > 1:  # sharded, the ranks' peaks differ a little (uneven shards, rank 0's saves)

@@ -21,6 +21,7 @@ from tunebench.models.load import load_base_model
 from tunebench.models.trained import find_trained
 from tunebench.runs import DATA_SUMMARY, TRAINED_META, RunDir, read_jsonl
 from tunebench.train.checkpoint import latest_checkpoint, load_checkpoint
+from tunebench.train.compile import compile_layers, use_compile
 from tunebench.train.distributed import Dist
 from tunebench.train.loop import TrainState
 from tunebench.train.loss import use_answer_only_logits
@@ -51,11 +52,15 @@ def autocast_for(dtype: torch.dtype) -> Callable:
 
 
 def resolve_levers(t: TrainConfig, model, device: torch.device, world: int, sharded: bool = False) -> TrainConfig:
-    """The two automatic levers, decided once for this model and machine (recorded in the log)."""
+    """The automatic levers, decided once for this model and machine (recorded in the log). compile: true
+    makes offload's auto decline (the two do not work together); compile: auto yields to offload."""
+    offload_setting = False if t.compile is True and t.offload_frozen is None else t.offload_frozen
     t = replace(t, answer_only_logits=use_answer_only_logits(t.answer_only_logits, model, t.method, sharded),
-                offload_frozen=use_offload(t.offload_frozen, model, t.method, t.gradient_checkpointing, device,
+                offload_frozen=use_offload(offload_setting, model, t.method, t.gradient_checkpointing, device,
                                            world))
-    log.info("answer_only_logits: %s, offload_frozen: %s", t.answer_only_logits, t.offload_frozen)
+    t = replace(t, compile=use_compile(t.compile, device, t.offload_frozen, sharded, t.use_dora))
+    log.info("answer_only_logits: %s, offload_frozen: %s, compile: %s", t.answer_only_logits, t.offload_frozen,
+             t.compile)
     return t
 
 
@@ -110,7 +115,10 @@ def load_model(config: Config, dist: Dist, device: torch.device, dtype: torch.dt
 
         model, adapter = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), None
     t = resolve_levers(t, model, device, dist.world, dist.sharded)
-    model = dist.wrap(make_trainable(model, t, adapter))
+    model = make_trainable(model, t, adapter)
+    if t.compile:  # in place, before DDP wraps the model (train/compile.py)
+        log.info("compile: %d decoder layers (compiled at their first use)", compile_layers(model))
+    model = dist.wrap(model)
     if t.offload_frozen:
         offload = enable_offload(model, device)
         log.info("offload: %.2f GiB of frozen weights in host memory, streamed one layer ahead%s",

@@ -1,0 +1,160 @@
+"""Regional compilation (`train.compile`): each decoder layer goes through torch.compile in place.
+
+Why per layer and not the whole model: every layer of a decoder runs the same code, so one graph
+(two for models that alternate sliding and global attention) serves all of them and compiling
+takes seconds, not minutes; gradient checkpointing still wraps each layer (the compiled layer runs
+inside the checkpoint, and again in its recompute); peft's LoRA/DoRA layers and bitsandbytes'
+4-bit linears are inside the layer and traced with it; DDP wraps the model afterwards, untouched.
+
+Shapes: the joined rows of `train.step_tokens` vary in length from step to step. Each micro-batch
+is right-padded to a multiple of BUCKET tokens (bucket_batch: labels -100, position ids restarting
+at 0, so the padding is one more example that nothing attends to and no loss sees, as pad_batch
+already pads to a multiple of 8), so a run meets at most step_tokens / BUCKET sequence lengths.
+On top of that dynamo's automatic dynamic shapes (torch.compile's default) turn the sequence
+length symbolic at the first recompile, so in practice a run compiles each layer graph twice:
+once for the first length, once for all others. Padding keeps the bound where a model's code
+specialises on the length (a guard dynamo cannot make symbolic), and gives tensor-core-friendly
+lengths.
+
+Compile time is counted apart from step time (compile_seconds: dynamo's compile callbacks, the
+lazily compiled backward included), so the loop can log tokens/s without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+import torch
+from torch import nn
+
+from tunebench.config_checks import compile_refusal
+from tunebench.data.tokens import IGNORE
+from tunebench.errors import ConfigError
+from tunebench.train.wrapped import causal_lm
+
+log = logging.getLogger(__name__)
+
+BUCKET = 128  # tokens; sequence lengths are padded to a multiple of this when compile is on
+BACKEND = "inductor"  # the tests use aot_eager: the same tracing, without C++/Triton code generation
+# Graph variants a layer may need: buckets × (sliding, global attention) × (train, eval, no-grad passes).
+RECOMPILE_LIMIT = 64
+
+
+def use_compile(setting: bool | str, device: torch.device | None, offload: bool, sharded: bool,
+                dora: bool = False) -> bool:
+    """Resolve train.compile: auto is on for CUDA (off on CPU, where kernel launches cost little and the
+    compile would only add minutes), unless offload or sharding rule it out; true insists, false declines.
+    DoRA: auto stays off, since dynamo cannot trace peft's DoRA layer (it clears a cache dict inside the
+    checkpointed forward and reads a weight class's module name), so the layer would run eagerly anyway;
+    true compiles what dynamo can and gives eager's results."""
+    if setting is False:
+        return False
+    why = compile_refusal(offload, sharded)
+    if why and setting is True:
+        raise ConfigError(f"train.compile: {why}; set train.compile to auto or false")
+    if setting != "auto":
+        if device is not None and device.type == "cpu" and BACKEND == "inductor" and not cpp_compiler():
+            raise ConfigError("train.compile: true on CPU needs a C++ compiler for inductor (g++ or clang++ on PATH, "
+                              "or CXX); install one, or set train.compile to auto or false")
+        return True
+    if why or dora:
+        log.info("train.compile auto: off (%s)", why or "peft's DoRA layers cannot be traced: no gain")
+        return False
+    return device is not None and device.type == "cuda"
+
+
+def cpp_compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder's list of layers under peft and any wrapper."""
+    layers = getattr(causal_lm(model).get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not layers:
+        raise ConfigError(f"train.compile: {type(causal_lm(model)).__name__} has no decoder `layers` list "
+                          "to compile; set train.compile: false")
+    return layers
+
+
+def compile_layers(model, backend: str | None = None) -> int:
+    """Compile every decoder layer of `model` in place (module.compile); returns how many.
+
+    In place, so the model's structure, parameter names, hooks of checkpointing and the saved
+    adapter are unchanged, and DDP can wrap the model afterwards."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    start_clock()
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=backend or BACKEND)
+    return len(layers)
+
+
+def bucket_batch(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = BUCKET) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch's token tensors to a multiple of `multiple` columns.
+
+    Packed/joined rows (position_ids, no attention mask): the padding continues as one more example
+    (position ids 0, 1, …), which transformers keeps apart like any other example; padded rows
+    (attention_mask) get mask 0. Labels are -100 either way, so the loss is unchanged. Other keys
+    (DPO's per-pair reference log-probs) have no sequence axis and pass through."""
+    width = batch["input_ids"].shape[1]
+    fill = -(-width // multiple) * multiple - width
+    if fill == 0:
+        return batch
+    rows = batch["input_ids"].shape[0]
+    pads = {"input_ids": torch.full((rows, fill), pad_id, dtype=torch.long),
+            "labels": torch.full((rows, fill), IGNORE, dtype=torch.long),
+            "position_ids": torch.arange(fill, dtype=torch.long).expand(rows, fill),
+            "attention_mask": torch.zeros((rows, fill), dtype=torch.long)}
+    return {key: torch.cat([value, pads[key].to(value.device)], dim=1) if key in pads else value
+            for key, value in batch.items()}
+
+
+class CompileClock:
+    """Seconds spent compiling, from dynamo's start/end callbacks (nested compiles count once)."""
+
+    def __init__(self):
+        self.total = 0.0
+        self.graphs = 0
+        self.started: float | None = None
+
+    def start(self, *_args) -> None:  # older torch calls the callbacks with no argument
+        self.started = time.perf_counter()
+
+    def end(self, *args) -> None:
+        if self.started is None:
+            return
+        from torch._dynamo.utils import counters
+
+        took, self.started = time.perf_counter() - self.started, None
+        self.total += took
+        self.graphs += 1
+        trigger = getattr(args[0], "callback_trigger", None) if args else None  # dynamo, lazy_backward, ...
+        # Graph breaks mean parts of a layer run eagerly (slower, not wrong): TORCH_LOGS=graph_breaks says where.
+        log.info("compile: %s %.1f s (%.1f s in all, %d graph breaks)", getattr(trigger, "name", "graph").lower(),
+                 took, self.total, sum(counters["graph_break"].values()))
+
+
+CLOCK: CompileClock | None = None
+
+
+def start_clock() -> None:
+    """Register the clock with dynamo (again after torch._dynamo.reset(), which drops the callbacks)."""
+    global CLOCK
+    from torch._dynamo.callback import callback_handler
+
+    CLOCK = CLOCK or CompileClock()
+    if CLOCK.start not in callback_handler.start_callbacks:
+        callback_handler.register_start_callback(CLOCK.start)
+        callback_handler.register_end_callback(CLOCK.end)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling so far (0 when nothing was compiled)."""
+    return CLOCK.total if CLOCK is not None else 0.0
