@@ -125,7 +125,7 @@ def test_a_failing_compiled_decode_falls_back_under_auto_and_is_raised_under_tru
         return real(**kwargs)
 
     tiny.model.generate = compile_fails
-    auto = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(**settings))
+    auto = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(compile="auto", **settings))
     assert [a.text for a in auto.generate(conversations())] == expected
     assert calls[:2] == ["static", None] and "static" not in calls[2:]  # tried once, then the plain path
     assert "generate.compile: the static-cache decode step failed (RuntimeError: BackendCompilerFailed" in caplog.text
