@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_gpu import case_config, metrics_summary, prepare_case  # noqa: E402
+from train_gpu import case_config, metrics_summary, prepare_case, step_records  # noqa: E402
 
 from tunebench.config import dump_config  # noqa: E402
 from tunebench.runs import RunDir  # noqa: E402
@@ -60,7 +60,7 @@ def run_variant(case: str, variant: str, steps: int, seq: int, out: Path) -> dic
         print(done.stdout[-2000:] + done.stderr[-4000:], flush=True)
         return {"case": case, "variant": variant, "error": f"exit {done.returncode}"}
     return {"case": case, "variant": variant, "gpus": gpus, "accum": accum, "steps": steps, "seq": seq,
-            **metrics_summary(run), "wall_s": time.time() - start}
+            **metrics_summary(step_records(run)), "wall_s": time.time() - start}
 
 
 def print_table(results: list[dict]) -> None:

@@ -26,10 +26,8 @@ steps after the first two, peak allocated GPU memory from the start of training,
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,8 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_gpu import LLMJP_13B, TOKENIZER, build_random_13b  # noqa: E402
-from train_speed import load_baseline_model, time_trainer  # noqa: E402
+from train_gpu import LLMJP_13B, TOKENIZER, build_random_13b, metrics_summary, step_records  # noqa: E402
+from train_speed import load_baseline_model, speed_arguments, time_trainer  # noqa: E402
 
 MODEL = Path("/tmp/llmjp13b")
 PAIRS = Path("/tmp/bench-dpo/pairs.jsonl")
@@ -144,11 +142,12 @@ def run_tunebench(model: str, method: str, steps: int, seq: int, out: Path, extr
     start = time.time()
     train(config, run)
     wall = time.time() - start
-    logged = [json.loads(line) for line in run.metrics.read_text().splitlines() if '"loss"' in line]
+    logged = step_records(run)
+    summary = metrics_summary(logged)
     return {"variant": "tunebench " + (" ".join(e.split(".")[-1] for e in extra) or "default"), "steps": steps,
-            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in logged[2:] or logged),
-            "peak_gib": max(m.get("peak_memory_gib", 0.0) for m in logged), "loss_first": logged[0]["loss"],
-            "loss_last": logged[-1]["loss"], "reward_accuracy_last": logged[-1]["reward_accuracy"], "wall_s": wall}
+            "tokens_per_s": summary["tokens_per_s"], "peak_gib": summary["peak_gib"],
+            "loss_first": summary["loss_first"], "loss_last": logged[-1]["loss"],
+            "reward_accuracy_last": logged[-1]["reward_accuracy"], "wall_s": wall}
 
 
 def cpu_smoke() -> None:
@@ -187,15 +186,7 @@ def print_table(path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--variant", choices=["baseline", "tunebench"])
-    parser.add_argument("--model", choices=["llmjp13b", "gemma"], default="llmjp13b")
-    parser.add_argument("--method", choices=["qlora", "lora"], default="qlora")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--set", dest="extra", action="append", default=[])
-    parser.add_argument("--results", type=Path, default=Path("/tmp/dpo_speed.jsonl"))
-    parser.add_argument("--table", type=Path, help="print the table of a results file and stop")
+    parser = speed_arguments(seq=1024, results=Path("/tmp/dpo_speed.jsonl"))
     parser.add_argument("--cpu-smoke", action="store_true", help="tunebench side on a tiny model on CPU, then stop")
     args = parser.parse_args()
     if args.cpu_smoke:

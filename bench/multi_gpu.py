@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # before any tunebench import
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_gpu import LLMJP_13B, TOKENIZER, build_random, prepare_folded  # noqa: E402
+from train_gpu import LLMJP_13B, TOKENIZER, build_random, metrics_summary, prepare_folded, step_records  # noqa: E402
 
 from tunebench.config import load_config  # noqa: E402
 from tunebench.runs import RunDir  # noqa: E402
@@ -104,11 +103,9 @@ def run_case(name: str, spec: tuple, steps: int, seq: int, out: Path, smoke: boo
             print(f"{name}: exit {code}; last lines of {log_path}:\n" + "\n".join(text.splitlines()[-15:]),
                   flush=True)
         return result
-    metrics = [json.loads(line) for line in run.metrics.read_text().splitlines()]
-    steps_logged = [m for m in metrics if "tokens_per_s" in m]
-    timed = steps_logged[2:] or steps_logged
+    steps_logged = step_records(run)
     peaks = [m.get("peak_memory_gib_per_rank") or [m.get("peak_memory_gib", 0.0)] for m in steps_logged]
-    result.update({"tokens_per_s": statistics.median(m["tokens_per_s"] for m in timed),
+    result.update({"tokens_per_s": metrics_summary(steps_logged)["tokens_per_s"],
                    "peak_gib_per_gpu": [round(max(p[r] for p in peaks), 2) for r in range(len(peaks[0]))],
                    "loss_first": steps_logged[0]["loss"], "loss_last": steps_logged[-1]["loss"]})
     return result

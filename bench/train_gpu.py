@@ -135,15 +135,19 @@ def prepare_folded(config, run: RunDir, vocab_size: int) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
-def metrics_summary(run: RunDir) -> dict:
-    """Median real tokens/s after the first two steps, peak GPU memory, first and last losses."""
-    metrics = [json.loads(line) for line in run.metrics.read_text().splitlines()]
-    steps_logged = [m for m in metrics if "tokens_per_s" in m]
-    return {"tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps_logged[2:] or steps_logged),
-            "peak_gib": max(m.get("peak_memory_gib", 0) for m in metrics), "loss_first": metrics[0]["loss"],
-            "loss_last": statistics.mean(m["loss"] for m in steps_logged[-5:]),
-            "losses": [m["loss"] for m in steps_logged],
-            "grad_norm_finite": all(math.isfinite(m["grad_norm"]) for m in steps_logged)}
+def step_records(run: RunDir) -> list[dict]:
+    """The run's metrics.jsonl lines of training steps (eval-only lines left out)."""
+    return [m for m in map(json.loads, run.metrics.read_text().splitlines()) if "tokens_per_s" in m]
+
+
+def metrics_summary(steps: list[dict]) -> dict:
+    """Median real tokens/s after the first two steps, peak GPU memory, the first loss, the mean of the
+    last five and every loss, from a run's step records."""
+    return {"tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps[2:] or steps),
+            "peak_gib": max(m.get("peak_memory_gib", 0) for m in steps), "loss_first": steps[0]["loss"],
+            "loss_last": statistics.mean(m["loss"] for m in steps[-5:]),
+            "losses": [m["loss"] for m in steps],
+            "grad_norm_finite": all(math.isfinite(m["grad_norm"]) for m in steps)}
 
 
 def run_case(name: str, steps: int, seq: int, out: Path, extra: list[str] = ()) -> dict:
@@ -154,7 +158,7 @@ def run_case(name: str, steps: int, seq: int, out: Path, extra: list[str] = ()) 
     torch.cuda.reset_peak_memory_stats()
     start = time.time()
     train(config, run)
-    summary = metrics_summary(run)
+    summary = metrics_summary(step_records(run))
     del summary["losses"]
     return {"case": label, "seq": seq, "steps": steps, **summary, "wall_s": time.time() - start}
 

@@ -163,17 +163,22 @@ def print_table(path: Path) -> None:
               f"{delta:>7}{r['mfu']:>6.1%}{str(r['grad_norm_finite']):>7}")
 
 
-def main() -> None:
+def speed_arguments(seq: int, results: Path) -> argparse.ArgumentParser:
+    """The command line of a baseline-vs-tunebench benchmark (this one and dpo_speed.py)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", choices=["baseline", "tunebench"])
     parser.add_argument("--model", choices=["llmjp13b", "gemma"], default="llmjp13b")
     parser.add_argument("--method", choices=["qlora", "lora"], default="qlora")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--seq", type=int, default=seq)
     parser.add_argument("--set", dest="extra", action="append", default=[])
-    parser.add_argument("--results", type=Path, default=Path("/tmp/train_speed.jsonl"))
+    parser.add_argument("--results", type=Path, default=results)
     parser.add_argument("--table", type=Path, help="print the table of a results file and stop")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = speed_arguments(seq=512, results=Path("/tmp/train_speed.jsonl")).parse_args()
     if args.table:
         print_table(args.table)
         return
