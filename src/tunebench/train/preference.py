@@ -125,13 +125,14 @@ class Preference:
         sums, counts = sequence_logps(model, batch, answer_only_logits)
         reference = batch.get("reference")
         losses, reward_chosen, reward_rejected = self.pair_losses(sums, counts, reference)
-        stats = {"loss": losses.sum(), "reward_margin": (reward_chosen - reward_rejected).sum(),
+        total = losses.sum()
+        stats = {"loss": total, "reward_margin": (reward_chosen - reward_rejected).sum(),
                  "reward_accuracy": (reward_chosen > reward_rejected).sum(),
                  "logps_chosen": sums[0::2].sum(), "logps_rejected": sums[1::2].sum()}
         if self.name == "dpo":
             stats["ref_logps_chosen"] = reference[:, 0].sum()
             stats["ref_logps_rejected"] = reference[:, 1].sum()
-        return losses.sum(), {key: value.detach() for key, value in stats.items()}
+        return total, {key: value.detach() for key, value in stats.items()}
 
     def record(self, sums, weight):
         return {key: value / max(weight, 1) for key, value in sums.items()}
