@@ -41,11 +41,11 @@ SAME_EVERYWHERE = ["train.offload_frozen=false", "train.lora_dropout=0.0"]
 VARIANTS = {"1gpu": (1, 4), "2gpu-same-gpu": (2, 4), "2gpu-same-glob": (2, 2)}  # (GPUs, accum per GPU)
 
 
-def run_variant(case: str, variant: str, steps: int, seq: int, out: Path) -> dict:
+def run_variant(case: str, variant: str, steps: int, seq: int, out: Path, extra: list[str] = ()) -> dict:
     gpus, accum = VARIANTS[variant]
     # offload_frozen streams weights on one process only: off everywhere, so the variants differ in GPUs
     # alone; no dropout, whose random masks differ with the number of processes
-    config = case_config(case, steps, seq, [f"train.gradient_accumulation_steps={accum}", *SAME_EVERYWHERE])
+    config = case_config(case, steps, seq, [f"train.gradient_accumulation_steps={accum}", *SAME_EVERYWHERE, *extra])
     run = RunDir(out / f"{case}-{variant}")
     prepare_case(config, run)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,24 +58,29 @@ def run_variant(case: str, variant: str, steps: int, seq: int, out: Path) -> dic
                           text=True)
     if done.returncode:
         print(done.stdout[-2000:] + done.stderr[-4000:], flush=True)
-        return {"case": case, "variant": variant, "error": f"exit {done.returncode}"}
-    return {"case": case, "variant": variant, "gpus": gpus, "accum": accum, "steps": steps, "seq": seq,
+        return {"case": case, "variant": variant, "set": list(extra), "error": f"exit {done.returncode}"}
+    return {"case": case, "variant": variant, "gpus": gpus, "accum": accum, "steps": steps, "seq": seq, "set": list(extra),
             **metrics_summary(step_records(run)), "wall_s": time.time() - start}
 
 
 def print_table(results: list[dict]) -> None:
-    base = {r["case"]: r for r in results if r.get("variant") == "1gpu" and "error" not in r}
-    print(f"{'case':<20}{'variant':<16}{'tok/s':>9}{'×1gpu':>7}{'GiB/GPU':>9}{'loss last':>10}{'max Δloss rel':>15}")
+    """Each 2-GPU row against the latest 1-GPU row of the same case and overrides (and the same call's
+    results file: rerun the baseline with the candidate)."""
+    def label(r: dict) -> str:
+        return r["case"] + "".join(f" {s.split('.')[-1]}" for s in r.get("set", []))
+
+    base = {label(r): r for r in results if r.get("variant") == "1gpu" and "error" not in r}
+    print(f"{'case':<34}{'variant':<16}{'tok/s':>9}{'×1gpu':>7}{'GiB/GPU':>9}{'loss last':>10}{'max Δloss rel':>15}")
     for r in results:
         if "error" in r:
-            print(f"{r['case']:<20}{r['variant']:<16}  {r['error']}")
+            print(f"{label(r):<34}{r['variant']:<16}  {r['error']}")
             continue
-        b = base.get(r["case"])
+        b = base.get(label(r))
         ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}" if b else "-"
         delta = "-"
         if b and r["variant"] == "2gpu-same-glob":
             delta = f"{max(abs(x - y) / abs(y) for x, y in zip(r['losses'], b['losses'])):.1e}"
-        print(f"{r['case']:<20}{r['variant']:<16}{r['tokens_per_s']:>9.0f}{ratio:>7}{r['peak_gib']:>9.2f}"
+        print(f"{label(r):<34}{r['variant']:<16}{r['tokens_per_s']:>9.0f}{ratio:>7}{r['peak_gib']:>9.2f}"
               f"{r['loss_last']:>10.4f}{delta:>15}")
 
 
@@ -87,6 +92,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-ddp"))
     parser.add_argument("--results", type=Path, default=Path("/tmp/ddp_scaling.jsonl"))
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="config overrides for every variant")
     parser.add_argument("--table", type=Path, help="print the table of a results file and stop")
     args = parser.parse_args()
     if args.table:
@@ -95,7 +101,7 @@ def main() -> None:
 
     for case in args.cases.split(","):
         for variant in args.variants.split(","):
-            result = run_variant(case, variant, args.steps, args.seq, args.out)
+            result = run_variant(case, variant, args.steps, args.seq, args.out, args.extra)
             result.update(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"))
             with args.results.open("a") as handle:
                 handle.write(json.dumps(result) + "\n")

@@ -72,12 +72,17 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
-def build_generator(run: str, variant: Variant, max_new_tokens: int, batch_size: int | None) -> Generator:
+def build_generator(run: str, variant: Variant, max_new_tokens: int, batch_size: int | None,
+                    fold_ids: int | None = None) -> Generator:
     loaded = load_for_inference(run)
     config = GenerateConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.2, merge_adapter=variant.merge_adapter,
                             compile=variant.compile, batch_size=batch_size)
     template = pick_template(loaded.template, None, loaded.tokenizer)
-    return Generator(loaded.model, loaded.tokenizer, template, config, stop_check_every=variant.stop_check_every)
+    generator = Generator(loaded.model, loaded.tokenizer, template, config, stop_check_every=variant.stop_check_every)
+    if fold_ids:  # a random model of a real shape with a borrowed tokenizer (train_gpu.py's 13B): ids folded in
+        encode = generator.encode
+        generator.encode = lambda messages: [i % fold_ids for i in encode(messages)]
+    return generator
 
 
 def one_prompt(generator: Generator, task, new_tokens: int) -> dict:
@@ -107,7 +112,8 @@ def measure(name: str, args, tasks, out_dir: Path) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    generator, load_s = timed(lambda: build_generator(args.run, variant, args.max_new_tokens, args.batch_size))
+    generator, load_s = timed(lambda: build_generator(args.run, variant, args.max_new_tokens, args.batch_size,
+                                                      args.fold_ids))
     row = {"variant": name, **vars(variant), "load_s": load_s, "device": device_name(),
            **one_prompt(generator, tasks[0], args.one_prompt_tokens)}
     summary, texts = all_tasks(generator, tasks, 2 if variant.compile else 1)
@@ -201,6 +207,8 @@ def main() -> None:
     parser.add_argument("--one-prompt-tokens", type=int, default=128)
     parser.add_argument("--limit", type=int, help="only the first N tasks")
     parser.add_argument("--batch-size", type=int, help="rows per batch (default: automatic, as generate.batch_size)")
+    parser.add_argument("--fold-ids", type=int, metavar="VOCAB", help="fold prompt ids into VOCAB (a random model "
+                        "of a real shape trained with a borrowed tokenizer, e.g. train_gpu.py's llmjp13b-qlora)")
     parser.add_argument("--baseline-tasks", type=int, default=0, help="also time the course loop on N tasks")
     parser.add_argument("--out-dir", default="/tmp/generate-speed", help="JSON lines and answers files "
                         "(default: %(default)s; copied into $OUT when set)")

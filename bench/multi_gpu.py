@@ -6,6 +6,10 @@ tokenised with Gemma's tokenizer, ids folded into llm-jp-3's vocabulary, as in t
   fsdp-full-3.7b    full fine-tuning of the llm-jp-3-3.7b shape (fp32 weights, gradients and AdamW
                     state, bf16 autocast) sharded over 2 GPUs
   full-3.7b-1gpu    the same on one GPU, unsharded: out of memory or not is recorded, not raised
+  fsdp-full-7.2b    the same for the llm-jp-3-7.2b shape (117 GB of weights, gradients and AdamW state)
+  full-7.2b-1gpu    ... on one GPU, unsharded
+  fsdp-full-13b     full fine-tuning of the 13B shape, for GPUs on which the 7.2b shape's state fits one (H200)
+  full-13b-1gpu     ... on one GPU, unsharded
   fsdp-qlora-13b    QLoRA of the llm-jp-3-13b shape, the 4-bit weights (stored in bf16) sharded over 2 GPUs
   qlora-13b-1gpu    the same on one GPU, unsharded (the memory to compare with)
 
@@ -38,13 +42,18 @@ from tunebench.config import load_config  # noqa: E402
 from tunebench.runs import RunDir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0",  # every launched process: NVLink multicast off
+ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",  # NVLink multicast off
+       "NVSHMEM_DISABLE_NVLS": "1",
        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)}
 # llm-jp/llm-jp-3-3.7b's config.json: Llama, hidden 3072, 28 layers, 24 heads (24 KV), MLP 8192,
 # vocabulary 99,584, untied output layer: 3.78 B parameters.
 LLMJP_3_7B = dict(vocab_size=99584, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
                   num_key_value_heads=24, intermediate_size=8192, max_position_embeddings=4096,
                   rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+# llm-jp/llm-jp-3-7.2b's config.json: hidden 4096, 32 layers, 32 heads, MLP 11008, untied: 7.29 B parameters,
+# 117 GB of fp32 weights + gradients + AdamW state: more than one H100 holds, half of it fits.
+LLMJP_7_2B = dict(LLMJP_3_7B, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                  intermediate_size=11008)
 # --cpu-smoke: the same code paths on a model small enough for a CPU
 TINY = dict(LLMJP_3_7B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
             intermediate_size=128)
@@ -52,12 +61,16 @@ BASE_CONFIG = str(REPO / "configs" / "llm-jp-3-13b-qlora.yaml")
 CASES = {  # name: (model, method, GPUs, sharding)
     "fsdp-full-3.7b": ("3.7b", "full", 2, "fsdp"),
     "full-3.7b-1gpu": ("3.7b", "full", 1, "none"),
+    "fsdp-full-7.2b": ("7.2b", "full", 2, "fsdp"),
+    "full-7.2b-1gpu": ("7.2b", "full", 1, "none"),
+    "fsdp-full-13b": ("13b", "full", 2, "fsdp"),  # on GPUs of more than ~120 GiB (H200), where 7.2b fits one
+    "full-13b-1gpu": ("13b", "full", 1, "none"),
     "fsdp-qlora-13b": ("13b", "qlora", 2, "fsdp"),
     "qlora-13b-1gpu": ("13b", "qlora", 1, "none"),
 }
 SMOKE_CASES = {"fsdp-full-tiny": ("tiny", "full", 2, "fsdp"), "full-tiny-1": ("tiny", "full", 1, "none"),
                "fsdp-lora-tiny": ("tiny", "lora", 2, "fsdp")}
-MODELS = {"3.7b": (Path("/tmp/llmjp3.7b"), LLMJP_3_7B), "13b": (Path("/tmp/llmjp13b"), LLMJP_13B),
+MODELS = {"3.7b": (Path("/tmp/llmjp3.7b"), LLMJP_3_7B), "7.2b": (Path("/tmp/llmjp7.2b"), LLMJP_7_2B), "13b": (Path("/tmp/llmjp13b"), LLMJP_13B),
           "tiny": (Path("/tmp/llmjp-tiny"), TINY)}
 OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory")
 

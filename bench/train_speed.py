@@ -1,7 +1,8 @@
 """Training throughput and memory: the course sample's stack (TRL SFTTrainer) vs tunebench.
 
 Models: (a) random-initialised llm-jp-3-13b shape (see train_gpu.py), 4-bit NF4 QLoRA; (b) the real
-Gemma 3 270M (embedded model), LoRA or QLoRA. r 16 on all linear layers, lr 2e-4, warmup 10,
+Gemma 3 270M (embedded model), LoRA or QLoRA; (c) `gemmarandom`, Gemma 3 270M's architecture with random
+weights (the same work per token, no GGUF to carry). r 16 on all linear layers, lr 2e-4, warmup 10,
 gradient checkpointing, sdpa, bf16. Data: megagon rendered with the course template, tokenised once
 by tunebench's data stage (for (a) ids folded into the 13B vocabulary) and fed to both sides as the
 same token ids; the baseline gets them as a pre-tokenised dataset with a completion mask, so both
@@ -36,9 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_gpu import LLMJP_13B, TOKENIZER, build_random_13b, run_case  # noqa: E402
+from train_gpu import LLMJP_13B, TOKENIZER, build_random_13b, build_random_gemma, run_case  # noqa: E402
 
 MODEL = Path("/tmp/llmjp13b")
+GEMMA_RANDOM = Path("/tmp/gemma270m-random")  # train_gpu.py's gemmarandom case
 
 
 def matmul_peak_tflops() -> float:
@@ -54,7 +56,7 @@ def matmul_peak_tflops() -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
-PARAMS = {"llmjp13b": 13.7e9, "gemma": 268e6}  # for MFU: 6 × parameters × tokens/s
+PARAMS = {"llmjp13b": 13.7e9, "gemma": 268e6, "gemmarandom": 268e6}  # for MFU: 6 × parameters × tokens/s
 
 
 def prepared_rows(seq: int, fold: bool = True) -> list[dict]:
@@ -80,7 +82,7 @@ def load_baseline_model(model_name: str, method: str):
 
     from tunebench.models.tokenizer import resolve_model_path
 
-    path = MODEL if model_name == "llmjp13b" else resolve_model_path("embedded:gemma-3-270m")
+    path = {"llmjp13b": MODEL, "gemmarandom": GEMMA_RANDOM}.get(model_name) or resolve_model_path("embedded:gemma-3-270m")
     quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                        bnb_4bit_compute_dtype=torch.bfloat16) if method == "qlora" else None)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa",
@@ -167,7 +169,8 @@ def speed_arguments(seq: int, results: Path) -> argparse.ArgumentParser:
     """The command line of a baseline-vs-tunebench benchmark (this one and dpo_speed.py)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", choices=["baseline", "tunebench"])
-    parser.add_argument("--model", choices=["llmjp13b", "gemma"], default="llmjp13b")
+    parser.add_argument("--model", choices=["llmjp13b", "gemma", "gemmarandom"], default="llmjp13b",
+                        help="gemmarandom: Gemma 3 270M's architecture, random weights (no GGUF needed)")
     parser.add_argument("--method", choices=["qlora", "lora"], default="qlora")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq", type=int, default=seq)
@@ -184,6 +187,8 @@ def main() -> None:
         return
     if args.model == "llmjp13b":
         build_random_13b(MODEL)
+    if args.model == "gemmarandom":
+        build_random_gemma(GEMMA_RANDOM)
     peak = matmul_peak_tflops()
     if args.variant == "baseline":
         result = run_baseline(args.model, args.method, args.steps, args.seq)

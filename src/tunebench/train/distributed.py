@@ -35,8 +35,13 @@ class Dist:
         self.sharded = sharding == "fsdp" and self.world > 1
         if self.world > 1:
             from accelerate import Accelerator
+            from accelerate.utils import DistributedDataParallelKwargs
 
-            self.accelerator = Accelerator(cpu=cpu)
+            # A causal LM's buffers (rotary frequencies) never change in training: broadcasting them
+            # from rank 0 before every forward is a collective per micro-batch for nothing. Gradients
+            # live in DDP's all-reduce buckets, saving a copy into and out of them per step.
+            ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
+            self.accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
             self.rank = self.accelerator.process_index
             self.device = self.accelerator.device
             if self.rank > 0:  # one copy of the log and progress bars: the other ranks say only what went wrong

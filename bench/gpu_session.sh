@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The issue-15/17 measurements of one device session on the two-GPU machine, as one background job:
+#
+#   setsid nohup bash bench/gpu_session.sh run > /tmp/session/driver.log 2>&1 &   # after gpu_setup.sh wheels
+#   bash bench/gpu_session.sh status     # progress: which step runs, what finished
+#   bash bench/gpu_session.sh collect    # results, logs and tables into $OUT
+#
+# Phase 1 (both GPUs): DDP scaling of Gemma 3 270M LoRA, a profile of its 1- and 2-GPU steps, two
+# independent 1-GPU runs side by side (host contention vs DDP), DDP with compiled layers, FSDP cases.
+# Phase 2 (one GPU each, in parallel): GPU 0 the Gemma side of issue 15 (TRL baseline vs tunebench eager
+# vs train.compile, the generation variants, a 3-epoch megagon run), GPU 1 the 13B shape (TRL baseline
+# vs eager vs compile, then 100 tasks answered by the 4-bit 13B shape). Phase 3: FSDP of the 3.7B shape.
+# The real Gemma 3 270M is used when the GGUF has been converted (/tmp/model/converted), else its
+# architecture with random weights. Every step has a timeout and a failure never stops the others;
+# NVLink multicast is off in every process.
+set -uo pipefail
+export PYTHONPATH=/tmp/site:src TUNEBENCH_CACHE=${TUNEBENCH_CACHE:-/tmp/tbcache} BENCH_TOKENIZER=/tmp/gemma-tok
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+S=/tmp/session
+mkdir -p $S
+
+step() {  # step NAME TIMEOUT COMMAND...: run, log to $S/NAME.log, note the outcome in $S/done.txt
+  local name=$1 limit=$2; shift 2
+  echo "$(date +%T) start $name" >> $S/progress.txt
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$S/$name.log" 2>&1
+  echo "$(date +%T) $name exit $? after $((SECONDS - start)) s" >> $S/progress.txt
+}
+
+gemma_model() { [ -f /tmp/model/converted ] && echo gemma || echo gemmarandom; }
+
+phase1() {
+  step ddp_scaling 400 python3 bench/ddp_scaling.py --cases gemmarandom-lora --variants 1gpu,2gpu-same-gpu \
+    --steps 20 --results $S/ddp_scaling.jsonl
+  step profile_1gpu 240 python3 bench/step_profile.py --gpus 1 --label 1gpu --out-dir $S/profile
+  step profile_2gpu 240 python3 bench/step_profile.py --gpus 2 --label 2gpu --out-dir $S/profile
+  # two independent one-GPU runs at once: if each is as fast as alone, the host is not what slows DDP
+  CUDA_VISIBLE_DEVICES=0 step profile_side0 240 python3 bench/step_profile.py --gpus 1 --label side0 \
+    --out-dir $S/profile &
+  CUDA_VISIBLE_DEVICES=1 step profile_side1 240 python3 bench/step_profile.py --gpus 1 --label side1 \
+    --out-dir $S/profile
+  wait
+  # compiled layers cut the Python and launch work of each step, which two processes on one host share
+  step ddp_scaling_compile 400 python3 bench/ddp_scaling.py --cases gemmarandom-lora --variants 1gpu,2gpu-same-gpu \
+    --steps 20 --set train.compile=true --results $S/ddp_scaling.jsonl --out /tmp/bench-ddp-compile
+  local big=7.2b
+  [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 100000 ] && big=13b
+  step multi_gpu 600 python3 bench/multi_gpu.py --cases fsdp-full-$big,full-$big-1gpu,fsdp-qlora-13b,qlora-13b-1gpu \
+    --steps 10 --results $S/multi_gpu.jsonl --out /tmp/bench-multi-gpu
+}
+
+gemma_side() {  # GPU 0
+  local model
+  model=$(gemma_model)
+  echo "gemma side uses $model" >> $S/progress.txt
+  step speed_gemma_trl 300 python3 bench/train_speed.py --model "$model" --method lora --variant baseline --steps 30 \
+    --results $S/train_speed.jsonl
+  step speed_gemma_eager 300 python3 bench/train_speed.py --model "$model" --method lora --variant tunebench \
+    --steps 30 --set train.compile=false --results $S/train_speed.jsonl
+  step speed_gemma_compile 400 python3 bench/train_speed.py --model "$model" --method lora --variant tunebench \
+    --steps 30 --set train.compile=true --results $S/train_speed.jsonl
+  step generate_gemma 600 python3 bench/generate_speed.py --run "/tmp/bench-speed/$model-lora+compile=false-512" \
+    --tasks .gpu/tv.jsonl --variants current merged merged+stops merged+stops+compiled --out-dir $S/generate-gemma
+  step epochs3_compile 400 python3 -m tunebench.cli train src/tunebench/presets/quickstart.yaml \
+    --run-dir /tmp/epochs3-compile --set train.method=lora --set train.max_steps=null --set train.num_train_epochs=3 \
+    --set train.per_device_train_batch_size=2 --set train.gradient_accumulation_steps=4 --set train.warmup_steps=10 \
+    --set train.logging_steps=10 --set train.save_steps=100000 --set data.max_seq_length=512 --set train.compile=true
+}
+
+llmjp_side() {  # GPU 1
+  step speed_13b_trl 400 python3 bench/train_speed.py --model llmjp13b --method qlora --variant baseline --steps 20 \
+    --results $S/train_speed.jsonl
+  step speed_13b_eager 300 python3 bench/train_speed.py --model llmjp13b --method qlora --variant tunebench \
+    --steps 20 --set train.compile=false --results $S/train_speed.jsonl
+  step speed_13b_compile 400 python3 bench/train_speed.py --model llmjp13b --method qlora --variant tunebench \
+    --steps 20 --set train.compile=true --results $S/train_speed.jsonl
+  step generate_13b 600 python3 bench/generate_speed.py --run /tmp/bench-speed/llmjp13b-qlora+compile=false-512 \
+    --tasks .gpu/tv.jsonl --fold-ids 99487 --one-prompt-tokens 64 --variants merged+stops merged+stops+compiled \
+    --out-dir $S/generate-13b
+}
+
+phase2() {
+  CUDA_VISIBLE_DEVICES=0 gemma_side &
+  CUDA_VISIBLE_DEVICES=1 llmjp_side
+  wait
+}
+
+phase3() {  # if time is left: FSDP of the 3.7B shape
+  step multi_gpu_3.7b 500 python3 bench/multi_gpu.py --cases fsdp-full-3.7b,full-3.7b-1gpu --steps 10 \
+    --results $S/multi_gpu.jsonl --out /tmp/bench-multi-gpu
+}
+
+collect() {
+  local out=${OUT:-/tmp/out}
+  mkdir -p "$out"
+  cp -r $S/. "$out/" 2>/dev/null
+  for run in /tmp/bench-speed/*-512 /tmp/epochs3-compile; do
+    [ -f "$run/metrics.jsonl" ] && cp "$run/metrics.jsonl" "$out/metrics-$(basename "$run").jsonl"
+  done
+  for log in /tmp/bench-multi-gpu/*.log; do [ -f "$log" ] && tail -40 "$log" > "$out/multi_gpu-$(basename "$log")"; done
+  python3 bench/train_speed.py --table $S/train_speed.jsonl 2>/dev/null
+  python3 bench/ddp_scaling.py --table $S/ddp_scaling.jsonl 2>/dev/null
+  python3 bench/step_profile.py --table --out-dir $S/profile 2>/dev/null
+}
+
+case "${1:-run}" in
+  run) phase1; phase2; phase3; echo "$(date +%T) all done" >> $S/progress.txt ;;
+  phase1|phase2|phase3) "$1" ;;
+  status) cat $S/progress.txt; nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader ;;
+  collect) collect ;;
+esac
