@@ -27,7 +27,17 @@ step() {  # step NAME TIMEOUT COMMAND...: run, log to $S/NAME.log, note the outc
   echo "$(date +%T) $name exit $? after $((SECONDS - start)) s" >> $S/progress.txt
 }
 
-gemma_model() { [ -f /tmp/model/converted ] && echo gemma || echo gemmarandom; }
+pieces() { ls /tmp/model/gemma.gguf.part.* 2>/dev/null | wc -l; }
+
+convert_gemma() {  # once all five GGUF pieces are on the machine (gpu_setup.sh piece, one per call)
+  [ "$(pieces)" = 5 ] && bash bench/gpu_setup.sh model > $S/convert.log 2>&1 && touch /tmp/model/converted
+}
+
+gemma_model() {  # the real model if its conversion is done or under way (waited for), else random weights
+  local waited=0
+  while [ "$(pieces)" = 5 ] && [ ! -f /tmp/model/converted ] && [ $waited -lt 180 ]; do sleep 5; waited=$((waited + 5)); done
+  [ -f /tmp/model/converted ] && echo gemma || echo gemmarandom
+}
 
 phase1() {
   step ddp_scaling 400 python3 bench/ddp_scaling.py --cases gemmarandom-lora --variants 1gpu,2gpu-same-gpu \
@@ -43,6 +53,7 @@ phase1() {
   # compiled layers cut the Python and launch work of each step, which two processes on one host share
   step ddp_scaling_compile 400 python3 bench/ddp_scaling.py --cases gemmarandom-lora --variants 1gpu,2gpu-same-gpu \
     --steps 20 --set train.compile=true --results $S/ddp_scaling.jsonl --out /tmp/bench-ddp-compile
+  convert_gemma &  # on the CPU while the FSDP cases run
   local big=7.2b
   [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 100000 ] && big=13b
   step multi_gpu 600 python3 bench/multi_gpu.py --cases fsdp-full-$big,full-$big-1gpu,fsdp-qlora-13b,qlora-13b-1gpu \
@@ -60,8 +71,10 @@ gemma_side() {  # GPU 0
   step speed_gemma_compile 400 python3 bench/train_speed.py --model "$model" --method lora --variant tunebench \
     --steps 30 --set train.compile=true --results $S/train_speed.jsonl
   step generate_gemma 600 python3 bench/generate_speed.py --run "/tmp/bench-speed/$model-lora+compile=false-512" \
-    --tasks .gpu/tv.jsonl --variants current merged merged+stops merged+stops+compiled --out-dir $S/generate-gemma
-  step epochs3_compile 400 python3 -m tunebench.cli train src/tunebench/presets/quickstart.yaml \
+    --tasks /tmp/tv.jsonl --variants current merged merged+stops merged+stops+compiled --out-dir $S/generate-gemma
+  local random=()
+  [ "$model" = gemmarandom ] && random=(--set model.name_or_path=/tmp/gemma270m-random --set model.tokenizer=/tmp/gemma-tok)
+  step epochs3_compile 400 python3 -m tunebench.cli train src/tunebench/presets/quickstart.yaml "${random[@]}" \
     --run-dir /tmp/epochs3-compile --set train.method=lora --set train.max_steps=null --set train.num_train_epochs=3 \
     --set train.per_device_train_batch_size=2 --set train.gradient_accumulation_steps=4 --set train.warmup_steps=10 \
     --set train.logging_steps=10 --set train.save_steps=100000 --set data.max_seq_length=512 --set train.compile=true
@@ -75,7 +88,7 @@ llmjp_side() {  # GPU 1
   step speed_13b_compile 400 python3 bench/train_speed.py --model llmjp13b --method qlora --variant tunebench \
     --steps 20 --set train.compile=true --results $S/train_speed.jsonl
   step generate_13b 600 python3 bench/generate_speed.py --run /tmp/bench-speed/llmjp13b-qlora+compile=false-512 \
-    --tasks .gpu/tv.jsonl --fold-ids 99487 --one-prompt-tokens 64 --variants merged+stops merged+stops+compiled \
+    --tasks /tmp/tv.jsonl --fold-ids 99487 --one-prompt-tokens 64 --variants merged+stops merged+stops+compiled \
     --out-dir $S/generate-13b
 }
 
