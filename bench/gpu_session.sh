@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The issue-15/17 measurements of one device session on the two-GPU machine, as one background job:
 #
-#   setsid nohup bash bench/gpu_session.sh run > /tmp/session/driver.log 2>&1 &   # after gpu_setup.sh wheels
+#   setsid nohup bash bench/gpu_session.sh run [PART ...] > /tmp/session/driver.log 2>&1 &   # after gpu_setup.sh wheels
 #   bash bench/gpu_session.sh status     # progress: which step runs, what finished
-#   bash bench/gpu_session.sh collect    # results, logs and tables into $OUT
+#   bash bench/gpu_session.sh collect    # results, logs and tables into $OUT (do it in every call: a machine
+#                                        # given back takes everything with it)
 #
-# Phase 1 (both GPUs): DDP scaling of Gemma 3 270M LoRA, a profile of its 1- and 2-GPU steps, two
-# independent 1-GPU runs side by side (host contention vs DDP), DDP with compiled layers, FSDP cases.
-# Phase 2 (one GPU each, in parallel): GPU 0 the Gemma side of issue 15 (TRL baseline vs tunebench eager
-# vs train.compile, the generation variants, a 3-epoch megagon run), GPU 1 the 13B shape (TRL baseline
-# vs eager vs compile, then 100 tasks answered by the 4-bit 13B shape). Phase 3: FSDP of the 3.7B shape.
+# Parts (default: ddp fsdp speed fsdp_3.7b), each a function below:
+#   ddp         DDP scaling of Gemma 3 270M LoRA (eager and compiled), per-rank profiles of its 1- and 2-GPU
+#               steps, two independent 1-GPU runs side by side (host contention vs DDP)
+#   ddp_logged  the compiled DDP scaling with a log line every 10 steps instead of every step
+#   fsdp        full fine-tuning that does not fit one GPU, and 13B QLoRA with sharded 4-bit weights
+#   speed       one GPU each, in parallel: GPU 0 the Gemma side of issue 15 (TRL baseline vs tunebench eager
+#               vs train.compile, the generation variants, a 3-epoch megagon run), GPU 1 the 13B shape (TRL
+#               baseline vs eager vs compile, then the tasks answered by the 4-bit 13B shape)
+#   fsdp_3.7b   FSDP full fine-tuning of the 3.7B shape on 2 GPUs and 1
 # The real Gemma 3 270M is used when the GGUF has been converted (/tmp/model/converted), else its
 # architecture with random weights. Every step has a timeout and a failure never stops the others;
 # NVLink multicast is off in every process.
@@ -39,7 +44,7 @@ gemma_model() {  # the real model if its conversion is done or under way (waited
   [ -f /tmp/model/converted ] && echo gemma || echo gemmarandom
 }
 
-phase1() {
+ddp() {  # DDP scaling, per-rank profiles, two independent 1-GPU runs side by side, compiled layers
   step ddp_scaling 400 python3 bench/ddp_scaling.py --cases gemmarandom-lora --variants 1gpu,2gpu-same-gpu \
     --steps 20 --results $S/ddp_scaling.jsonl
   step profile_1gpu 240 python3 bench/step_profile.py --gpus 1 --label 1gpu --out-dir $S/profile
@@ -53,10 +58,19 @@ phase1() {
   # compiled layers cut the Python and launch work of each step, which two processes on one host share
   step ddp_scaling_compile 400 python3 bench/ddp_scaling.py --cases gemmarandom-lora --variants 1gpu,2gpu-same-gpu \
     --steps 20 --set train.compile=true --results $S/ddp_scaling.jsonl --out /tmp/bench-ddp-compile
+}
+
+ddp_logged() {  # a log line every 10 steps (the course config's), not every step: no per-step host sync across ranks
+  step ddp_scaling_logged 400 python3 bench/ddp_scaling.py --cases gemmarandom-lora --variants 1gpu,2gpu-same-gpu \
+    --steps 40 --set train.compile=true --set train.logging_steps=10 --results $S/ddp_scaling.jsonl \
+    --out /tmp/bench-ddp-logged
+}
+
+fsdp() {  # full fine-tuning whose state does not fit one GPU (7.2B shape on 80 GB cards, 13B on H200), 13B QLoRA sharded
   convert_gemma &  # on the CPU while the FSDP cases run
   local big=7.2b
   [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 100000 ] && big=13b
-  step multi_gpu 600 python3 bench/multi_gpu.py --cases fsdp-full-$big,full-$big-1gpu,fsdp-qlora-13b,qlora-13b-1gpu \
+  step multi_gpu 600 python3 bench/multi_gpu.py --cases fsdp-full-$big,full-$big-1gpu,fsdp-qlora-13b \
     --steps 10 --results $S/multi_gpu.jsonl --out /tmp/bench-multi-gpu
 }
 
@@ -70,7 +84,7 @@ gemma_side() {  # GPU 0
     --steps 30 --set train.compile=false --results $S/train_speed.jsonl
   step speed_gemma_compile 400 python3 bench/train_speed.py --model "$model" --method lora --variant tunebench \
     --steps 30 --set train.compile=true --results $S/train_speed.jsonl
-  step generate_gemma 600 python3 bench/generate_speed.py --run "/tmp/bench-speed/$model-lora+compile=false-512" \
+  step generate_gemma 400 python3 bench/generate_speed.py --run "/tmp/bench-speed/$model-lora+compile=false-512" \
     --tasks /tmp/tv.jsonl --variants current merged merged+stops merged+stops+compiled --out-dir $S/generate-gemma
   local random=()
   [ "$model" = gemmarandom ] && random=(--set model.name_or_path=/tmp/gemma270m-random --set model.tokenizer=/tmp/gemma-tok)
@@ -87,18 +101,18 @@ llmjp_side() {  # GPU 1
     --steps 20 --set train.compile=false --results $S/train_speed.jsonl
   step speed_13b_compile 400 python3 bench/train_speed.py --model llmjp13b --method qlora --variant tunebench \
     --steps 20 --set train.compile=true --results $S/train_speed.jsonl
-  step generate_13b 600 python3 bench/generate_speed.py --run /tmp/bench-speed/llmjp13b-qlora+compile=false-512 \
+  step generate_13b 330 python3 bench/generate_speed.py --run /tmp/bench-speed/llmjp13b-qlora+compile=false-512 \
     --tasks /tmp/tv.jsonl --fold-ids 99487 --one-prompt-tokens 64 --variants merged+stops merged+stops+compiled \
     --out-dir $S/generate-13b
 }
 
-phase2() {
+speed() {  # issue 15, one GPU each
   CUDA_VISIBLE_DEVICES=0 gemma_side &
   CUDA_VISIBLE_DEVICES=1 llmjp_side
   wait
 }
 
-phase3() {  # if time is left: FSDP of the 3.7B shape
+fsdp_3.7b() {
   step multi_gpu_3.7b 500 python3 bench/multi_gpu.py --cases fsdp-full-3.7b,full-3.7b-1gpu --steps 10 \
     --results $S/multi_gpu.jsonl --out /tmp/bench-multi-gpu
 }
@@ -117,8 +131,8 @@ collect() {
 }
 
 case "${1:-run}" in
-  run) phase1; phase2; phase3; echo "$(date +%T) all done" >> $S/progress.txt ;;
-  phase1|phase2|phase3) "$1" ;;
+  run) shift; for part in "${@:-ddp fsdp speed fsdp_3.7b}"; do for p in $part; do "$p"; done; done
+       echo "$(date +%T) all done" >> $S/progress.txt ;;
   status) cat $S/progress.txt; nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader ;;
   collect) collect ;;
 esac
