@@ -114,12 +114,12 @@ class TrainConfig:
         "GPU one layer ahead of use (qlora/lora, gradient checkpointing, one process); null (auto): on for those "
         "on a GPU when the frozen decoder weights are at least 1 GiB and the host has twice that free")
     compile: bool | Literal["auto"] = option(
-        False, help="torch.compile each decoder layer (regional: one graph serves every layer, inside gradient "
+        "auto", help="torch.compile each decoder layer (regional: one graph serves every layer, inside gradient "
         "checkpointing, with LoRA, 4-bit and DDP); lengths are padded to a multiple of 128 so a run compiles a "
         "bounded number of graphs; compile time is logged apart from step time (compile_s in metrics.jsonl); "
-        "auto: on with CUDA unless offload_frozen is on, fsdp shards the model or use_dora is set (peft's DoRA "
-        "cannot be traced), off on CPU; true insists (on CPU: inductor's C++ backend, minutes of compiling); "
-        "the default stays false until its speed is measured on a GPU (docs/PERFORMANCE.md)")
+        "auto: on with CUDA unless offload_frozen is on, fsdp shards the model, use_dora is set (peft's DoRA "
+        "cannot be traced) or the method is prefix/prompt (not measured), off on CPU; true insists (on CPU: inductor's C++ backend, minutes of compiling; with "
+        "offload_frozen auto, true turns offload off); measured 1.7-1.8x eager on an H200 (docs/PERFORMANCE.md)")
     sharding: Literal["none", "fsdp"] = option(
         "none", help="with --gpus N > 1: none copies the whole model to every GPU (data parallel); fsdp shards "
         "weights, gradients and optimizer state across the GPUs (FSDP2, one unit per decoder layer), for models "
@@ -167,8 +167,9 @@ class GenerateConfig:
         "unchanged); auto/true: when the base is not 4-bit (a 4-bit base keeps the adapter)")
     compile: Literal["auto"] | bool = option(
         False, help="static KV cache and a torch.compile'd decode step; auto: on a CUDA GPU, for task "
-        "sets (not serve's one-off prompts); true on CPU: the static cache without compiling; the default stays "
-        "false until its speed and answers are measured on a GPU (docs/PERFORMANCE.md)")
+        "sets (not serve's one-off prompts); true on CPU: the static cache without compiling; default false: "
+        "compiling costs more than one pass over 100 tasks saves on a small model, it pays on 13B-class "
+        "models (docs/PERFORMANCE.md)")
 
 
 @dataclass

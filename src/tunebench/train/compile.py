@@ -44,12 +44,13 @@ RECOMPILE_LIMIT = 64
 
 
 def use_compile(setting: bool | str, device: torch.device | None, offload: bool, sharded: bool,
-                dora: bool = False) -> bool:
+                dora: bool = False, virtual_tokens: bool = False) -> bool:
     """Resolve train.compile: auto is on for CUDA (off on CPU, where kernel launches cost little and the
     compile would only add minutes), unless offload or sharding rule it out; true insists, false declines.
     DoRA: auto stays off, since dynamo cannot trace peft's DoRA layer (it clears a cache dict inside the
     checkpointed forward and reads a weight class's module name), so the layer would run eagerly anyway;
-    true compiles what dynamo can and gives eager's results."""
+    true compiles what dynamo can and gives eager's results. Prefix and prompt tuning (virtual tokens): auto
+    stays off, as their prepended keys or embeddings through compiled layers have not been measured on a GPU."""
     if setting is False:
         return False
     why = compile_refusal(offload, sharded)
@@ -60,8 +61,9 @@ def use_compile(setting: bool | str, device: torch.device | None, offload: bool,
             raise ConfigError("train.compile: true on CPU needs a C++ compiler for inductor (g++ or clang++ on PATH, "
                               "or CXX); install one, or set train.compile to auto or false")
         return True
-    if why or dora:
-        log.info("train.compile auto: off (%s)", why or "peft's DoRA layers cannot be traced: no gain")
+    if why or dora or virtual_tokens:
+        log.info("train.compile auto: off (%s)", why or ("peft's DoRA layers cannot be traced: no gain" if dora else
+                 "prefix/prompt tuning's virtual tokens through compiled layers are not measured yet; true tries it"))
         return False
     return device is not None and device.type == "cuda"
 

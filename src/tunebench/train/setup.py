@@ -58,7 +58,8 @@ def resolve_levers(t: TrainConfig, model, device: torch.device, world: int, shar
     t = replace(t, answer_only_logits=use_answer_only_logits(t.answer_only_logits, model, t.method, sharded),
                 offload_frozen=use_offload(offload_setting, model, t.method, t.gradient_checkpointing, device,
                                            world))
-    t = replace(t, compile=use_compile(t.compile, device, t.offload_frozen, sharded, t.use_dora))
+    t = replace(t, compile=use_compile(t.compile, device, t.offload_frozen, sharded, t.use_dora,
+                                       get_method(t.method).virtual_tokens))
     log.info("answer_only_logits: %s, offload_frozen: %s, compile: %s", t.answer_only_logits, t.offload_frozen,
              t.compile)
     return t
