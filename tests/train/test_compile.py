@@ -244,3 +244,49 @@ def test_train_with_compile_true_on_cpu_matches_eager_and_logs_compile_time(tmp_
     assert saved["true"].keys() == saved["false"].keys()
     for name, tensor in saved["true"].items():
         torch.testing.assert_close(tensor, saved["false"][name], rtol=1e-4, atol=1e-6)
+
+
+def broken_compiler(_graph, _inputs):
+    raise RuntimeError("no compiler for this device")
+
+
+def broken_backward_compiler():
+    """A backend whose forward compiles and whose backward (compiled lazily, at the first backward) fails."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    return aot_autograd(fw_compiler=lambda graph, _inputs: graph, bw_compiler=broken_compiler)
+
+
+@pytest.mark.parametrize("fails_in", ["forward", "backward"])
+def test_a_compile_failure_trains_on_eagerly_under_auto_and_stops_the_run_under_true(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch, caplog, fails_in):
+    """train.compile auto is the default on CUDA: a GPU without Triton or a layer dynamo cannot handle must not
+    stop a run that eager training would finish. `true` insists: the failure is raised."""
+    import tunebench.train.setup as setup_module
+
+    monkeypatch.setattr(setup_module, "use_compile", lambda setting, *a, **k: setting in ("auto", True))  # as on CUDA
+    monkeypatch.setattr(compile_module, "BACKEND", broken_compiler if fails_in == "forward" else broken_backward_compiler())
+    data = tmp_path / "memo.jsonl"
+    rows = [{"instruction": "日本の首都はどこですか？", "input": "", "output": "東京です。"},
+            {"instruction": "一足す一は？", "input": "", "output": "二です。"}]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+    def config(setting):
+        return load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.sources=[{{path: '{data}'}}]",
+                                  "data.contamination_sets=[]", "train.per_device_train_batch_size=2",
+                                  "train.gradient_accumulation_steps=1", "train.warmup_steps=0", "train.logging_steps=1",
+                                  "train.lora_dropout=0.0", "train.max_steps=2", "train.method=lora",
+                                  f"train.compile={setting}"])
+
+    eager = RunDir(tmp_path / "eager")
+    train(config("false"), eager)
+    fallen = RunDir(tmp_path / "auto")
+    with caplog.at_level("WARNING"):
+        train(config("auto"), fallen)
+    assert "train.compile auto: compiling the decoder layers failed" in caplog.text
+    assert "no compiler for this device" in caplog.text
+    losses = [[json.loads(line)["loss"] for line in run.metrics.read_text().splitlines()] for run in (eager, fallen)]
+    assert len(losses[1]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-6)  # the failed step is not counted twice
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no compiler for this device"):
+        train(config("true"), RunDir(tmp_path / "true"))

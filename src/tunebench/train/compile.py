@@ -81,13 +81,15 @@ def decoder_layers(model) -> nn.ModuleList:
     return layers
 
 
-def compile_layers(model, backend: str | None = None) -> int:
+def compile_layers(model, backend=None, fall_back: bool = False) -> int:
     """Compile every decoder layer of `model` in place (module.compile); returns how many.
 
     In place, so the model's structure, parameter names, hooks of checkpointing and the saved
-    adapter are unchanged, and DDP can wrap the model afterwards."""
+    adapter are unchanged, and DDP can wrap the model afterwards. `fall_back` (train.compile: auto):
+    the first compile failure turns every layer back to eager (EagerFallback)."""
     import torch._dynamo
 
+    global FALLBACK
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
@@ -95,7 +97,64 @@ def compile_layers(model, backend: str | None = None) -> int:
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(backend=backend or BACKEND)
+    FALLBACK = EagerFallback(layers) if fall_back else None
     return len(layers)
+
+
+class EagerFallback:
+    """Under train.compile: auto, a model or torch version that dynamo or inductor cannot handle (no
+    Triton for the GPU, no C compiler, an untraceable layer) must not stop a run that would train
+    eagerly: the first failure of a compiled layer turns every layer back to eager for the rest of
+    the run, with one warning. A failing forward is answered eagerly on the spot; a failure while
+    compiling the backward (done lazily, in the first backward) surfaces from the step, which the
+    loop then runs again eagerly (`retry_step`). Out-of-memory errors are not compile failures."""
+
+    def __init__(self, layers: nn.ModuleList):
+        self.layers = list(layers)
+        self.failed = False
+        for layer in self.layers:
+            self.guard(layer)
+
+    def guard(self, layer: nn.Module) -> None:
+        compiled = layer._compiled_call_impl  # what nn.Module.compile() installed in place of the eager call
+
+        def call(*args, **kwargs):
+            if not self.failed:
+                try:
+                    return compiled(*args, **kwargs)
+                except Exception as exc:
+                    if not self.give_up(exc):
+                        raise
+            return layer._call_impl(*args, **kwargs)
+
+        layer._compiled_call_impl = call
+
+    def give_up(self, exc: BaseException) -> bool:
+        """Turn every layer back to eager because of `exc`; False when `exc` is no compile failure to
+        fall back from (out of memory) or the layers are eager already."""
+        if self.failed or isinstance(exc, torch.cuda.OutOfMemoryError):
+            return False
+        self.failed = True
+        for layer in self.layers:
+            layer._compiled_call_impl = None
+        log.warning("train.compile auto: compiling the decoder layers failed (%s); training on without compiling "
+                    "(train.compile: false skips trying)", failure_reason(exc))
+        return True
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The error under dynamo's wrapping (BackendCompilerFailed holds the backend's own), on one line."""
+    root = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+    lines = [line for line in str(root).splitlines() if line.strip()]
+    return f"{type(root).__name__}: {lines[0][:200] if lines else ''}"
+
+
+FALLBACK: EagerFallback | None = None
+
+
+def retry_step(exc: BaseException) -> bool:
+    """Whether a training step that raised `exc` should run again, eagerly (train.compile: auto)."""
+    return FALLBACK is not None and FALLBACK.give_up(exc)
 
 
 def bucket_batch(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = BUCKET) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ checkpoints and the metrics are one piece of code for all of them.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import torch
@@ -18,7 +18,7 @@ from tqdm import tqdm
 from tunebench.config import Config, TrainConfig
 from tunebench.runs import RunDir, append_jsonl
 from tunebench.train.checkpoint import optimizer_state, save_checkpoint, trainable_state
-from tunebench.train.compile import bucket_batch, compile_seconds
+from tunebench.train.compile import bucket_batch, compile_seconds, retry_step
 from tunebench.train.distributed import Dist
 from tunebench.train.loss import evaluate
 from tunebench.train.methods import get_method
@@ -111,8 +111,16 @@ def fit(state: TrainState, objective: Objective) -> None:
                + ("" if objective.name == "sft" else f" {objective.name}"), unit="step", dynamic_ncols=True,
                disable=not dist.is_main)
     for step in range(state.start, state.steps):
-        grad_norm = train_step(state, objective, state.order[step * state.per_step : (step + 1) * state.per_step],
-                               window)
+        step_batches = state.order[step * state.per_step : (step + 1) * state.per_step]
+        before = replace(window, sums=dict(window.sums))
+        try:
+            grad_norm = train_step(state, objective, step_batches, window)
+        except Exception as exc:  # compiled layers that failed in their backward: the step again, eagerly
+            if not retry_step(exc):
+                raise
+            state.optimizer.zero_grad(set_to_none=True)
+            window = before
+            grad_norm = train_step(state, objective, step_batches, window)
         done = step + 1
         if done % t.logging_steps == 0 or done == state.steps:
             record = log_window(state, objective, window, done, grad_norm, trackers)

@@ -118,7 +118,8 @@ def load_model(config: Config, dist: Dist, device: torch.device, dtype: torch.dt
     t = resolve_levers(t, model, device, dist.world, dist.sharded)
     model = make_trainable(model, t, adapter)
     if t.compile:  # in place, before DDP wraps the model (train/compile.py)
-        log.info("compile: %d decoder layers (compiled at their first use)", compile_layers(model))
+        log.info("compile: %d decoder layers (compiled at their first use)",
+                 compile_layers(model, fall_back=config.train.compile == "auto"))
     model = dist.wrap(model)
     if t.offload_frozen:
         offload = enable_offload(model, device)
