@@ -89,7 +89,6 @@ def compile_layers(model, backend=None, fall_back: bool = False) -> int:
     the first compile failure turns every layer back to eager (EagerFallback)."""
     import torch._dynamo
 
-    global FALLBACK
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
@@ -97,7 +96,8 @@ def compile_layers(model, backend=None, fall_back: bool = False) -> int:
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(backend=backend or BACKEND)
-    FALLBACK = EagerFallback(layers) if fall_back else None
+    if fall_back:
+        EagerFallback(layers)
     return len(layers)
 
 
@@ -127,6 +127,7 @@ class EagerFallback:
                         raise
             return layer._call_impl(*args, **kwargs)
 
+        call.fallback = self  # how retry_step finds it from the model
         layer._compiled_call_impl = call
 
     def give_up(self, exc: BaseException) -> bool:
@@ -149,12 +150,15 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(root).__name__}: {lines[0][:200] if lines else ''}"
 
 
-FALLBACK: EagerFallback | None = None
-
-
-def retry_step(exc: BaseException) -> bool:
-    """Whether a training step that raised `exc` should run again, eagerly (train.compile: auto)."""
-    return FALLBACK is not None and FALLBACK.give_up(exc)
+def retry_step(model, exc: BaseException) -> bool:
+    """Whether a training step of `model` that raised `exc` should run again, eagerly: its layers were
+    compiled under train.compile auto and have just been turned back to eager."""
+    try:
+        first = decoder_layers(model)[0]
+    except (ConfigError, AttributeError):
+        return False
+    fallback = getattr(first._compiled_call_impl, "fallback", None)
+    return fallback is not None and fallback.give_up(exc)
 
 
 def bucket_batch(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = BUCKET) -> dict[str, torch.Tensor]:

@@ -116,7 +116,7 @@ def fit(state: TrainState, objective: Objective) -> None:
         try:
             grad_norm = train_step(state, objective, step_batches, window)
         except Exception as exc:  # compiled layers that failed in their backward: the step again, eagerly
-            if not retry_step(exc):
+            if not retry_step(state.model, exc):
                 raise
             state.optimizer.zero_grad(set_to_none=True)
             window = before
