@@ -107,7 +107,9 @@ class EagerFallback:
     eagerly: the first failure of a compiled layer turns every layer back to eager for the rest of
     the run, with one warning. A failing forward is answered eagerly on the spot; a failure while
     compiling the backward (done lazily, in the first backward) surfaces from the step, which the
-    loop then runs again eagerly (`retry_step`). Out-of-memory errors are not compile failures."""
+    loop then runs again eagerly (`retry_step`). Out-of-memory errors are not compile failures; any other
+    error is taken for one, and a real fault (bad input, a CUDA error) fails again eagerly and is raised
+    from there."""
 
     def __init__(self, layers: nn.ModuleList):
         self.layers = list(layers)
@@ -138,7 +140,7 @@ class EagerFallback:
         self.failed = True
         for layer in self.layers:
             layer._compiled_call_impl = None
-        log.warning("train.compile auto: compiling the decoder layers failed (%s); training on without compiling "
+        log.warning("train.compile auto: the compiled decoder layers failed (%s); training on without compiling "
                     "(train.compile: false skips trying)", failure_reason(exc))
         return True
 
