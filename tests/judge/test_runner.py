@@ -1,4 +1,5 @@
 import json
+import signal
 
 import pytest
 
@@ -138,7 +139,16 @@ def test_records_from_before_the_endpoint_key_are_judged_again(tmp_path, fake):
     assert fake.total() == 1 and report["mean"] == 5
 
 
-def test_ctrl_c_cancels_queued_requests_and_writes_what_finished(tmp_path, fake, capsys):
+@pytest.fixture
+def ctrl_c_raises():
+    """The fake's Ctrl-C (_thread.interrupt_main) raises KeyboardInterrupt only where SIGINT has Python's
+    handler; a test process started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_cancels_queued_requests_and_writes_what_finished(tmp_path, fake, capsys, ctrl_c_raises):
     from tunebench.cli import main
 
     outputs = ["WANT:5", "CASE:INTERRUPT WANT:4"] + [f"WANT:3 その{i}" for i in range(10)]
