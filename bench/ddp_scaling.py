@@ -31,12 +31,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_gpu import case_config, metrics_summary, prepare_case, step_records  # noqa: E402
+from train_gpu import NO_MULTICAST, case_config, metrics_summary, prepare_case, step_records  # noqa: E402
 
 from tunebench.config import dump_config  # noqa: E402
 from tunebench.runs import RunDir  # noqa: E402
 
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 SAME_EVERYWHERE = ["train.offload_frozen=false", "train.lora_dropout=0.0"]
 VARIANTS = {"1gpu": (1, 4), "2gpu-same-gpu": (2, 4), "2gpu-same-glob": (2, 2)}  # (GPUs, accum per GPU)
 

@@ -36,14 +36,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # before any tunebench import
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_gpu import LLMJP_13B, TOKENIZER, build_random, metrics_summary, prepare_folded, step_records  # noqa: E402
+from train_gpu import (  # noqa: E402
+    LLMJP_13B,
+    NO_MULTICAST,
+    TOKENIZER,
+    build_random,
+    metrics_summary,
+    prepare_folded,
+    step_records,
+)
 
 from tunebench.config import load_config  # noqa: E402
 from tunebench.runs import RunDir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",  # NVLink multicast off
-       "NVSHMEM_DISABLE_NVLS": "1",
+ENV = {**os.environ, **NO_MULTICAST,
        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)}
 # llm-jp/llm-jp-3-3.7b's config.json: Llama, hidden 3072, 28 layers, 24 heads (24 KV), MLP 8192,
 # vocabulary 99,584, untied output layer: 3.78 B parameters.

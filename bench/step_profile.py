@@ -25,7 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def worker(config: str, run_dir: str, out_dir: Path, label: str, first: int, count: int, extra: list[str]) -> None:
@@ -77,12 +76,14 @@ def worker(config: str, run_dir: str, out_dir: Path, label: str, first: int, cou
 
 def launch(case: str, gpus: int, steps: int, label: str, out_dir: Path, first: int, count: int,
            extra: list[str]) -> None:
-    from train_gpu import case_config, prepare_case
+    from ddp_scaling import SAME_EVERYWHERE
+    from train_gpu import NO_MULTICAST, case_config, prepare_case
 
     from tunebench.config import dump_config
     from tunebench.runs import RunDir
+    from tunebench.train.distributed import Machines, launch_command
 
-    config = case_config(case, steps, 512, ["train.offload_frozen=false", "train.lora_dropout=0.0", *extra])
+    config = case_config(case, steps, 512, [*SAME_EVERYWHERE, *extra])
     run = RunDir(Path(f"/tmp/bench-profile/{case}-{label}"))
     if run.root.exists():
         import shutil
@@ -93,13 +94,10 @@ def launch(case: str, gpus: int, steps: int, label: str, out_dir: Path, first: i
     dump_config(config, path)
     worker_args = [__file__, "--worker", str(path), str(run.root), "--out-dir", str(out_dir), "--label", label,
                    "--from", str(first), "--count", str(count)]
-    if gpus == 1:
-        command = [sys.executable, *worker_args]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
-                   "--mixed_precision", "no", "--dynamo_backend", "no", *worker_args]
-    done = subprocess.run(command, env={**os.environ, **NO_MULTICAST, "TQDM_DISABLE": "1"}, capture_output=True,
-                          text=True)
+    # several GPUs: the launcher `tunebench train --gpus N` uses, running the worker script instead
+    command = [sys.executable] if gpus == 1 else launch_command(gpus, Machines(), cuda=True)
+    done = subprocess.run(command + worker_args, env={**os.environ, **NO_MULTICAST, "TQDM_DISABLE": "1"},
+                          capture_output=True, text=True)
     if done.returncode:
         print(done.stdout[-2000:] + done.stderr[-4000:], flush=True)
 

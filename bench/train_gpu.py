@@ -31,6 +31,8 @@ from tunebench.models.tokenizer import load_tokenizer  # noqa: E402
 from tunebench.runs import RunDir  # noqa: E402
 from tunebench.train.sft import train  # noqa: E402
 
+# Every process a multi-GPU benchmark starts: NVLink multicast off (the device notes' three variables).
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # The tokenizer the 13B case borrows (a folder with tokenizer files works where the model is absent).
 TOKENIZER = os.environ.get("BENCH_TOKENIZER", "embedded:gemma-3-270m")
 LLMJP_13B = dict(vocab_size=99487, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
