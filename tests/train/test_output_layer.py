@@ -14,6 +14,8 @@ from tunebench.train import loss as loss_module
 from tunebench.train import output_layer
 from tunebench.train.output_layer import linear_label_logprobs, vocab_block
 
+from .examples import course_batch
+
 HIDDEN, VOCAB = 6, 23
 
 
@@ -74,16 +76,7 @@ def test_vocab_block_keeps_the_slab_near_64_mib():
 
 
 def tiny_batch(tokenizer):
-    from tunebench.data.batches import pad_batch
-    from tunebench.data.templates import render_segments
-    from tunebench.data.tokens import encode_segments
-
-    rows = []
-    for q, a in [("日本の首都は？", "東京です。"), ("春の季語を三つ挙げて", "桜、菜の花、蛙")]:
-        enc = encode_segments(render_segments([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                              "course"), tokenizer)
-        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
-    batch = pad_batch(rows, tokenizer.pad_token_id)
+    batch = course_batch(tokenizer)
     batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
     return batch
 

@@ -166,18 +166,12 @@ def test_answer_only_logits_equal_loss_and_gradients(tiny_model_dir, method, tok
     from transformers import AutoModelForCausalLM
 
     from tunebench.config import TrainConfig
-    from tunebench.data.batches import pad_batch
-    from tunebench.data.templates import render_segments
-    from tunebench.data.tokens import encode_segments
     from tunebench.train.loss import token_loss_sum
     from tunebench.train.methods import make_trainable
 
-    rows = []
-    for q, a in [("日本の首都は？", "東京です。"), ("春の季語を三つ挙げて", "桜、菜の花、蛙")]:
-        enc = encode_segments(render_segments([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                              "course"), tokenizer)
-        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
-    batch = pad_batch(rows, tokenizer.pad_token_id)
+    from .examples import course_batch
+
+    batch = course_batch(tokenizer)
     results = []
     for answer_only in (False, True):
         torch.manual_seed(0)
