@@ -175,6 +175,8 @@ def speed_arguments(seq: int, results: Path) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq", type=int, default=seq)
     parser.add_argument("--set", dest="extra", action="append", default=[])
+    parser.add_argument("--logit-slab-mib", type=int, default=None,
+                        help="tunebench: the output layer's logits block (train/output_layer.py SLAB_ELEMENTS, 16 MiB)")
     parser.add_argument("--results", type=Path, default=results)
     parser.add_argument("--table", type=Path, help="print the table of a results file and stop")
     return parser
@@ -193,10 +195,17 @@ def main() -> None:
     if args.variant == "baseline":
         result = run_baseline(args.model, args.method, args.steps, args.seq)
     else:
-        r = run_case(f"{args.model}-{args.method}", args.steps, args.seq, Path("/tmp/bench-speed"), args.extra)
+        out = Path("/tmp/bench-speed")
+        if args.logit_slab_mib:
+            from tunebench.train import output_layer
+
+            output_layer.SLAB_ELEMENTS = args.logit_slab_mib * 2**20 // 4  # fp32 elements
+            out = out / f"slab{args.logit_slab_mib}"
+        r = run_case(f"{args.model}-{args.method}", args.steps, args.seq, out, args.extra)
         result = {key: r[key] for key in ("steps", "tokens_per_s", "peak_gib", "loss_first", "loss_last", "wall_s",
                                           "grad_norm_finite")}
-        result["variant"] = "tunebench " + (" ".join(e.split(".")[-1] for e in args.extra) or "default")
+        result["variant"] = "tunebench " + (" ".join(e.split(".")[-1] for e in args.extra) or "default") + (
+            f" slab={args.logit_slab_mib}MiB" if args.logit_slab_mib else "")
     result.update(model=args.model, method=args.method, seq=args.seq, matmul_tflops=peak,
                   mfu=6 * PARAMS[args.model] * result["tokens_per_s"] / (peak * 1e12),
                   device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"))

@@ -71,12 +71,10 @@ def offload_refusal(method: str, checkpointing: bool, world: int) -> str | None:
     return None
 
 
-def compile_refusal(offload: bool, sharded: bool) -> str | None:
-    """Why train.compile cannot run with these levers (None: it can). Offload's hooks move weights between
-    host and GPU inside the layer, where the compiled graph would trace them; FSDP's hooks gather weights
-    around each layer in the same place (not yet tried compiled)."""
-    if offload:
-        return "it does not work with train.offload_frozen (its hooks move weights inside the compiled layers)"
+def compile_refusal(sharded: bool) -> str | None:
+    """Why train.compile cannot run with these levers (None: it can). FSDP's hooks gather weights around
+    each layer, inside the compiled call (not yet tried compiled). Offload streams weights at each compiled
+    layer's entry and before its backward, outside the graph (train/compile.py: CompiledLayer)."""
     if sharded:
         return "it does not work with train.sharding fsdp on several processes yet (use sharding: none, DDP)"
     return None
@@ -99,7 +97,7 @@ def combination_problems(config: Config, world_size: int) -> list[str]:
         problems.append(f"'train.answer_only_logits': {why}; set it to false or leave it null")
     if t.offload_frozen and (why := offload_refusal(t.method, t.gradient_checkpointing, world_size)):
         problems.append(f"'train.offload_frozen': {why}; set it to false or leave it null")
-    if t.compile is True and (why := compile_refusal(t.offload_frozen is True, sharded)):
+    if t.compile is True and (why := compile_refusal(sharded)):
         problems.append(f"'train.compile': {why}; set train.compile to auto or false, or turn the other off")
     if config.generate.do_sample and config.generate.temperature == 0:
         problems.append("'generate.temperature' must be > 0 with generate.do_sample: true "

@@ -180,38 +180,36 @@ def test_dora_layers_compiled_give_eager_loss(tiny_model_dir):
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-5, atol=1e-5 * float(eager_grads[name].abs().max()))
 
 
-def test_auto_is_on_for_cuda_only_and_yields_to_offload_and_fsdp():
+def test_auto_is_on_for_cuda_only_and_yields_to_fsdp():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert use_compile("auto", cuda, offload=False, sharded=False) is True
-    assert use_compile("auto", cpu, offload=False, sharded=False) is False  # CPU: launches are cheap
-    assert use_compile(True, cpu, offload=False, sharded=False) is True  # true on CPU works (inductor's C++)
-    assert use_compile("auto", cuda, offload=True, sharded=False) is False
-    assert use_compile("auto", cuda, offload=False, sharded=True) is False
-    assert use_compile(False, cuda, offload=False, sharded=False) is False
-    assert use_compile("auto", cuda, offload=False, sharded=False, dora=True) is False  # no gain: see below
-    assert use_compile("auto", cuda, offload=False, sharded=False, virtual_tokens=True) is False  # not measured
-    assert use_compile(True, cuda, offload=False, sharded=False, virtual_tokens=True) is True
-    assert use_compile(True, cuda, offload=False, sharded=False, dora=True) is True
-    with pytest.raises(ConfigError, match="train.compile: it does not work with train.offload_frozen"):
-        use_compile(True, cuda, offload=True, sharded=False)
+    assert use_compile("auto", cuda, sharded=False) is True  # offload or not: see test_offload.py
+    assert use_compile("auto", cpu, sharded=False) is False  # CPU: launches are cheap
+    assert use_compile(True, cpu, sharded=False) is True  # true on CPU works (inductor's C++)
+    assert use_compile("auto", cuda, sharded=True) is False
+    assert use_compile(False, cuda, sharded=False) is False
+    assert use_compile("auto", cuda, sharded=False, dora=True) is False  # no gain: see below
+    assert use_compile("auto", cuda, sharded=False, virtual_tokens=True) is False  # not measured
+    assert use_compile(True, cuda, sharded=False, virtual_tokens=True) is True
+    assert use_compile(True, cuda, sharded=False, dora=True) is True
+    with pytest.raises(ConfigError, match="train.compile: it does not work with train.sharding fsdp"):
+        use_compile(True, cuda, sharded=True)
 
 
 def test_compile_true_on_cpu_without_a_cpp_compiler_says_what_to_install(monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(compile_module.shutil, "which", lambda _name: None)
     with pytest.raises(ConfigError, match="needs a C.. compiler for inductor"):
-        use_compile(True, torch.device("cpu"), offload=False, sharded=False)
-    assert use_compile("auto", torch.device("cpu"), offload=False, sharded=False) is False  # auto never needs one
+        use_compile(True, torch.device("cpu"), sharded=False)
+    assert use_compile("auto", torch.device("cpu"), sharded=False) is False  # auto never needs one
 
 
-def test_config_refuses_compile_with_offload_or_fsdp_and_reads_auto():
+def test_config_takes_compile_with_offload_refuses_it_with_fsdp_and_reads_auto():
     assert load_config(None, []).train.compile == "auto"  # measured on an H200: docs/PERFORMANCE.md
     assert load_config(None, ["train.compile=true"]).train.compile is True
     with pytest.raises(ConfigError, match="'train.compile'"):
         load_config(None, ["train.compile=sometimes"])
-    with pytest.raises(ConfigError, match="'train.compile': it does not work with train.offload_frozen"):
-        load_config(None, ["train.compile=true", "train.offload_frozen=true"])
-    assert load_config(None, ["train.compile=auto", "train.offload_frozen=true"]).train.offload_frozen is True
+    both = load_config(None, ["train.compile=true", "train.offload_frozen=true"]).train  # test_offload.py: equal
+    assert both.compile is True and both.offload_frozen is True
     fsdp = load_config(None, ["train.compile=true", "train.sharding=fsdp"])  # one process trains unsharded
     assert any("'train.compile'" in p and "fsdp" in p for p in config_problems(fsdp, 2))
 
@@ -290,3 +288,28 @@ def test_a_compile_failure_trains_on_eagerly_under_auto_and_stops_the_run_under_
     torch._dynamo.reset()
     with pytest.raises(Exception, match="no compiler for this device"):
         train(config("true"), RunDir(tmp_path / "true"))
+
+
+def test_a_checkpoint_around_the_compiled_layer_ends_its_recompute_early_without_a_fallback():
+    """A checkpoint around a compiled layer's call (transformers 5.17 put one there, before compile_layer
+    took the checkpointing inside): non-re-entrant checkpointing's early stop (an exception raised once the
+    recompute has saved what the backward needs) passes through the layer. It is control flow, not a compile
+    failure; taken for one, the run fell back to eager in the middle of a recompute and crashed."""
+    from torch.utils.checkpoint import checkpoint
+
+    from tunebench.train.compile import CompiledLayer, EagerFallback
+
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+    layer.load_state_dict(eager.state_dict())
+    layer.compile(backend=BACKEND)
+    fallback = EagerFallback(1)
+    CompiledLayer(layer, fallback)
+    x = torch.randn(4, 8, requires_grad=True)
+    for module in (eager, layer):
+        checkpoint(module, x, use_reentrant=False).pow(2).sum().backward()
+    assert not fallback.failed
+    for mine, theirs in zip(layer.parameters(), eager.parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-6, atol=1e-7)
+

@@ -1,5 +1,7 @@
 """Frozen-weight offload: same loss and gradients as the plain path, at most two layers resident."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -92,3 +94,92 @@ def test_offload_refuses_what_it_cannot_stream(tmp_path):
         with pytest.raises(ConfigError, match="'train.offload_frozen': it works with"):
             train(config, RunDir(tmp_path / "run"))
     assert not (tmp_path / "run" / "data").exists()  # refused before any work
+
+
+def test_compiled_layers_stream_their_weights_outside_the_graph_with_no_recompile_per_layer(monkeypatch):
+    """train.compile with offload: the weights are swapped at each layer's entry, outside the compiled graph.
+    The host buffers are filled with NaN bytes except while a layer is being copied to its device copy, so a
+    graph that kept reading a host buffer (or a stale copy's storage) would give a NaN loss; the loss and
+    gradients equal the plain path's to fp64 rounding, and the number of graphs does not grow with the
+    number of layers (a recompile per swapped weight would give one per layer and call)."""
+    from torch._dynamo.utils import counters
+
+    from tunebench.train.compile import compile_layers
+    from tunebench.train.offload import FrozenWeightOffload
+
+    _, _, plain_losses, plain_grads = run(offload=False)
+    real_load = FrozenWeightOffload.load
+
+    copies = []  # weak references to every device copy made: the released ones must be freed
+
+    def load_then_poison(self, i):
+        layer = self.layers[i]
+        if layer.resident is None:
+            layer.home.copy_(self.pristine[i])
+            real_load(self, i)
+            layer.home.fill_(0xFF)  # every float64 in the buffer is NaN now
+            copies.append(weakref.ref(layer.resident))
+        else:
+            real_load(self, i)
+
+    monkeypatch.setattr(FrozenWeightOffload, "load", load_then_poison)
+    real_init = FrozenWeightOffload.__init__
+
+    def init_then_poison(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.pristine = [layer.home.clone() for layer in self.layers]
+        for layer in self.layers:
+            layer.home.fill_(0xFF)
+
+    monkeypatch.setattr(FrozenWeightOffload, "__init__", init_then_poison)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        model = make_trainable(untied_llama(), TrainConfig(method="lora", lora_dropout=0.0, offload_frozen=True))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+        model.train()
+        assert compile_layers(model, backend="aot_eager") == 4
+        handle = enable_offload(model, torch.device("cpu"))
+        assert not handle.handles  # no hooks inside the layers: the compiled layers' entries stream
+        losses, alive = [], []
+        for batch in batches():
+            loss = token_loss_sum(model, batch)
+            # between forward and backward only the last layer's copy is held: nothing saved for the
+            # backward keeps the copies of released layers alive (with 4 layers a leak shows as 4)
+            alive.append(sum(ref() is not None for ref in copies))
+            loss.backward()
+            losses.append(loss.detach())
+        graphs = counters["stats"]["unique_graphs"]
+        breaks = sum(counters["graph_break"].values())
+    finally:
+        torch._dynamo.reset()
+    assert graphs >= 1 and breaks == 0  # compiled, in one piece
+    assert graphs <= 2, graphs  # a no-grad forward and a recompute with grad; 4 layers × 2 passes would be 8+
+    for a, b in zip(plain_losses, losses):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=0)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-9,
+                                   atol=1e-9 * float(plain_grads[name].abs().max()))
+    assert handle.max_resident == 2
+    assert alive == [1, 1], alive  # the last layer's copy only (its neighbour is fetched at the turn)
+
+
+def test_offload_auto_is_on_for_big_frozen_weights_or_compiled_layers(monkeypatch):
+    """null: on for 1 GiB of frozen decoder weights or more, or for any size when the layers are compiled
+    (faster and smaller on Gemma 3 270M: docs/PERFORMANCE.md), never without the host memory for them."""
+    from tunebench.train import offload
+
+    model = make_trainable(untied_llama(), TrainConfig(method="lora"))  # a few hundred KiB of frozen weights
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(offload, "host_free_bytes", lambda: 2**40)
+    assert offload.use_offload(None, model, "lora", True, cuda, 1) is False  # small, eager
+    assert offload.use_offload(None, model, "lora", True, cuda, 1, compiled=True) is True
+    assert offload.use_offload(None, model, "lora", True, cpu, 1, compiled=True) is False  # a GPU's lever
+    assert offload.use_offload(None, model, "lora", True, cuda, 2, compiled=True) is False  # one process only
+    assert offload.use_offload(False, model, "lora", True, cuda, 1, compiled=True) is False
+    monkeypatch.setattr(offload, "host_free_bytes", lambda: 1000)
+    assert offload.use_offload(None, model, "lora", True, cuda, 1, compiled=True) is False  # no room on the host

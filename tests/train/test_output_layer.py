@@ -68,9 +68,9 @@ def test_blockwise_label_logprobs_equal_log_softmax(cap, rows, block, train_head
         assert_close_1e12(want_grads[name], got_grads[name])
 
 
-def test_vocab_block_keeps_the_slab_near_64_mib():
-    assert vocab_block(2048, 262144) == 8192  # 2,048 × 8,192 × 4 bytes = 64 MiB
-    assert vocab_block(4000, 262144) * 4000 * 4 <= 64 * 2**20
+def test_vocab_block_keeps_the_slab_near_16_mib():
+    assert vocab_block(2048, 262144) == 2048  # 2,048 × 2,048 × 4 bytes = 16 MiB
+    assert vocab_block(4000, 262144) * 4000 * 4 <= 16 * 2**20
     assert vocab_block(1, 262144) == vocab_block(0, 262144) == 262144  # never more than the vocabulary
     assert vocab_block(10**6, 262144) == output_layer.MIN_BLOCK
 

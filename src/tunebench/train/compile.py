@@ -2,9 +2,14 @@
 
 Why per layer and not the whole model: every layer of a decoder runs the same code, so one graph
 (two for models that alternate sliding and global attention) serves all of them and compiling
-takes seconds, not minutes; gradient checkpointing still wraps each layer (the compiled layer runs
-inside the checkpoint, and again in its recompute); peft's LoRA/DoRA layers and bitsandbytes'
-4-bit linears are inside the layer and traced with it; DDP wraps the model afterwards, untouched.
+takes seconds, not minutes; peft's LoRA/DoRA layers and bitsandbytes' 4-bit linears are inside the
+layer and traced with it; DDP wraps the model afterwards, untouched.
+
+Gradient checkpointing: transformers 5.17 (the GPU machines') checkpoints around each layer's call,
+so the compiled layer runs inside the checkpoint and again in its recompute; 5.24 (the CPU tests')
+checkpoints inside the layer's forward, which the compiled call then contains (dynamo turns it into
+a recompute inside the compiled backward). Moving the checkpoint inside the compiled call under 5.17
+too was measured on an H200 and was slower, with offload's memory lost (docs/PERFORMANCE.md).
 
 Shapes: the joined rows of `train.step_tokens` vary in length from step to step. Each micro-batch
 is right-padded to a multiple of BUCKET tokens (bucket_batch: labels -100, position ids restarting
@@ -28,6 +33,7 @@ import shutil
 import time
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from tunebench.config_checks import compile_refusal
@@ -37,23 +43,26 @@ from tunebench.train.wrapped import causal_lm
 
 log = logging.getLogger(__name__)
 
+# torch.utils.checkpoint's control flow, not an error (private name; an empty tuple where a torch lacks it)
+StopRecomputation = getattr(torch.utils.checkpoint, "_StopRecomputationError", ())
+
 BUCKET = 128  # tokens; sequence lengths are padded to a multiple of this when compile is on
 BACKEND = "inductor"  # the tests use aot_eager: the same tracing, without C++/Triton code generation
 # Graph variants a layer may need: buckets × (sliding, global attention) × (train, eval, no-grad passes).
 RECOMPILE_LIMIT = 64
 
 
-def use_compile(setting: bool | str, device: torch.device | None, offload: bool, sharded: bool,
+def use_compile(setting: bool | str, device: torch.device | None, sharded: bool,
                 dora: bool = False, virtual_tokens: bool = False) -> bool:
     """Resolve train.compile: auto is on for CUDA (off on CPU, where kernel launches cost little and the
-    compile would only add minutes), unless offload or sharding rule it out; true insists, false declines.
+    compile would only add minutes), unless sharding rules it out; true insists, false declines.
     DoRA: auto stays off, since dynamo cannot trace peft's DoRA layer (it clears a cache dict inside the
     checkpointed forward and reads a weight class's module name), so the layer would run eagerly anyway;
     true compiles what dynamo can and gives eager's results. Prefix and prompt tuning (virtual tokens): auto
     stays off, as their prepended keys or embeddings through compiled layers have not been measured on a GPU."""
     if setting is False:
         return False
-    why = compile_refusal(offload, sharded)
+    why = compile_refusal(sharded)
     if why and setting is True:
         raise ConfigError(f"train.compile: {why}; set train.compile to auto or false")
     if setting != "auto":
@@ -85,8 +94,10 @@ def compile_layers(model, backend=None, fall_back: bool = False) -> int:
     """Compile every decoder layer of `model` in place (module.compile); returns how many.
 
     In place, so the model's structure, parameter names, hooks of checkpointing and the saved
-    adapter are unchanged, and DDP can wrap the model afterwards. `fall_back` (train.compile: auto):
-    the first compile failure turns every layer back to eager (EagerFallback)."""
+    adapter are unchanged, and DDP can wrap the model afterwards. Each layer's compiled call is
+    wrapped in a CompiledLayer (work that must stay outside the graph, like offload's weight
+    streaming, runs there). `fall_back` (train.compile: auto): the first compile failure turns every
+    layer back to eager (EagerFallback)."""
     import torch._dynamo
 
     config = torch._dynamo.config
@@ -94,11 +105,59 @@ def compile_layers(model, backend=None, fall_back: bool = False) -> int:
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     start_clock()
     layers = decoder_layers(model)
+    fallback = EagerFallback(len(layers)) if fall_back else None
     for layer in layers:
         layer.compile(backend=backend or BACKEND)
-    if fall_back:
-        EagerFallback(layers)
+        CompiledLayer(layer, fallback)
     return len(layers)
+
+
+class CompiledLayer:
+    """A decoder layer's call once compiled: `before` callbacks, run eagerly outside the graph, then the
+    compiled layer (or the eager one once the run's EagerFallback has given up on compiling).
+
+    The callbacks run before each call and again just before the layer's backward (a hook on the
+    gradient of its output): where the checkpoint is inside the layer's forward (transformers 5.24), the
+    compiled graph recomputes the layer in its own backward, which no module call announces. Installed as the layer's `_compiled_call_impl`, which nn.Module.__call__ calls in place
+    of the eager `_call_impl` (what module.compile() put there is kept as `compiled`)."""
+
+    def __init__(self, layer: nn.Module, fallback: EagerFallback | None = None):
+        self.layer = layer
+        self.compiled = layer._compiled_call_impl
+        self.fallback = fallback  # how retry_step finds it from the model
+        self.before: list = []
+        layer._compiled_call_impl = self
+
+    def __call__(self, *args, **kwargs):
+        for callback in self.before:
+            callback()
+        out = self.run(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        if self.before and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(self.before_backward)
+        return out
+
+    def before_backward(self, grad: torch.Tensor) -> torch.Tensor:
+        for callback in self.before:
+            callback()
+        return grad
+
+    def run(self, *args, **kwargs):
+        if self.fallback is None:
+            return self.compiled(*args, **kwargs)
+        if not self.fallback.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as exc:
+                if not self.fallback.give_up(exc):
+                    raise
+        return self.layer._call_impl(*args, **kwargs)
+
+
+def compiled_layer(layer: nn.Module) -> CompiledLayer | None:
+    """The CompiledLayer of a layer compile_layers compiled (None for an eager layer)."""
+    call = getattr(layer, "_compiled_call_impl", None)
+    return call if isinstance(call, CompiledLayer) else None
 
 
 class EagerFallback:
@@ -107,39 +166,22 @@ class EagerFallback:
     eagerly: the first failure of a compiled layer turns every layer back to eager for the rest of
     the run, with one warning. A failing forward is answered eagerly on the spot; a failure while
     compiling the backward (done lazily, in the first backward) surfaces from the step, which the
-    loop then runs again eagerly (`retry_step`). Out-of-memory errors are not compile failures; any other
-    error is taken for one, and a real fault (bad input, a CUDA error) fails again eagerly and is raised
-    from there."""
+    loop then runs again eagerly (`retry_step`). Out-of-memory errors are not compile failures, nor is
+    the exception by which non-re-entrant checkpointing ends a recompute early once it has what the
+    backward needs (it passes through the compiled layer when transformers checkpoints around the
+    layer's call); any other error is taken for one, and a real fault (bad input, a CUDA error) fails
+    again eagerly and is raised from there."""
 
-    def __init__(self, layers: nn.ModuleList):
-        self.layers = list(layers)
+    def __init__(self, layers: int):
+        self.layers = layers
         self.failed = False
-        for layer in self.layers:
-            self.guard(layer)
-
-    def guard(self, layer: nn.Module) -> None:
-        compiled = layer._compiled_call_impl  # what nn.Module.compile() installed in place of the eager call
-
-        def call(*args, **kwargs):
-            if not self.failed:
-                try:
-                    return compiled(*args, **kwargs)
-                except Exception as exc:
-                    if not self.give_up(exc):
-                        raise
-            return layer._call_impl(*args, **kwargs)
-
-        call.fallback = self  # how retry_step finds it from the model
-        layer._compiled_call_impl = call
 
     def give_up(self, exc: BaseException) -> bool:
         """Turn every layer back to eager because of `exc`; False when `exc` is no compile failure to
         fall back from (out of memory) or the layers are eager already."""
-        if self.failed or isinstance(exc, torch.cuda.OutOfMemoryError):
+        if self.failed or isinstance(exc, (torch.cuda.OutOfMemoryError, StopRecomputation)):
             return False
         self.failed = True
-        for layer in self.layers:
-            layer._compiled_call_impl = None
         log.warning("train.compile auto: the compiled decoder layers failed (%s); training on without compiling "
                     "(train.compile: false skips trying)", failure_reason(exc))
         return True
@@ -156,11 +198,10 @@ def retry_step(model, exc: BaseException) -> bool:
     """Whether a training step of `model` that raised `exc` should run again, eagerly: its layers were
     compiled under train.compile auto and have just been turned back to eager."""
     try:
-        first = decoder_layers(model)[0]
+        compiled = compiled_layer(decoder_layers(model)[0])
     except (ConfigError, AttributeError):
         return False
-    fallback = getattr(first._compiled_call_impl, "fallback", None)
-    return fallback is not None and fallback.give_up(exc)
+    return compiled is not None and compiled.fallback is not None and compiled.fallback.give_up(exc)
 
 
 def bucket_batch(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = BUCKET) -> dict[str, torch.Tensor]:

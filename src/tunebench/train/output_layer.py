@@ -2,7 +2,7 @@
 
 log softmax(W h + b)[target] is computed one block of vocabulary rows at a time with a running
 maximum and log-sum-exp, and the backward pass recomputes each block's logits. Extra memory is one
-(rows × block) slab of logits, about 64 MiB whatever the vocabulary (Gemma 3's 262,144 entries made
+(rows × block) slab of logits, about 16 MiB whatever the vocabulary (Gemma 3's 262,144 entries made
 the 1,024-row chunks of full logits cost gigabytes).
 
 Dtypes follow the plain path: logits (and Gemma's soft-capping) in the compute dtype (the autocast
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
-SLAB_ELEMENTS = 16 * 2**20  # rows × block fp32 logits per block: 64 MiB
+# rows × block fp32 logits per block: 16 MiB. 64 MiB measured no faster on Gemma 3 270M and 0.2 GiB more
+# at peak (docs/PERFORMANCE.md, 'Compiled layers with offload').
+SLAB_ELEMENTS = 4 * 2**20
 MIN_BLOCK = 256  # keep the matmuls wide enough to be efficient when there are very many rows
 
 

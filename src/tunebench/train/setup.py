@@ -52,14 +52,11 @@ def autocast_for(dtype: torch.dtype) -> Callable:
 
 
 def resolve_levers(t: TrainConfig, model, device: torch.device, world: int, sharded: bool = False) -> TrainConfig:
-    """The automatic levers, decided once for this model and machine (recorded in the log). compile: true
-    makes offload's auto decline (the two do not work together); compile: auto yields to offload."""
-    offload_setting = False if t.compile is True and t.offload_frozen is None else t.offload_frozen
+    """The automatic levers, decided once for this model and machine (recorded in the log)."""
     t = replace(t, answer_only_logits=use_answer_only_logits(t.answer_only_logits, model, t.method, sharded),
-                offload_frozen=use_offload(offload_setting, model, t.method, t.gradient_checkpointing, device,
-                                           world))
-    t = replace(t, compile=use_compile(t.compile, device, t.offload_frozen, sharded, t.use_dora,
-                                       get_method(t.method).virtual_tokens))
+                compile=use_compile(t.compile, device, sharded, t.use_dora, get_method(t.method).virtual_tokens))
+    t = replace(t, offload_frozen=use_offload(t.offload_frozen, model, t.method, t.gradient_checkpointing, device,
+                                              world, compiled=t.compile))
     log.info("answer_only_logits: %s, offload_frozen: %s, compile: %s", t.answer_only_logits, t.offload_frozen,
              t.compile)
     return t
