@@ -15,10 +15,9 @@
 #               vs train.compile, the generation variants, a 3-epoch megagon run), GPU 1 the 13B shape (TRL
 #               baseline vs eager vs compile, then the tasks answered by the 4-bit 13B shape)
 #   fsdp_3.7b   FSDP full fine-tuning of the 3.7B shape on 2 GPUs and 1
-#   offload_compile  one GPU each: Gemma (TRL vs the default vs offload on, a profile of the compiled step) and
-#               the 13B shape (TRL vs the default, compiled with offload, vs compiled without vs eager, a profile)
-#   checkpoint_inside  the same after compile_layer moved checkpointing inside the compiled call, with Gemma's
-#               offload and smaller logits blocks (memory) and a 3-epoch megagon run
+#   compiled_offload  one GPU each: Gemma (TRL vs compiled vs eager vs compiled with offload and smaller logits
+#               blocks, a 3-epoch megagon run, a profile) and the 13B shape (TRL vs compiled with offload vs
+#               compiled without vs eager, a profile)
 # The real Gemma 3 270M is used when the GGUF has been converted (/tmp/model/converted), else its
 # architecture with random weights. Every step has a timeout and a failure never stops the others;
 # NVLink multicast is off in every process.
@@ -121,43 +120,13 @@ fsdp_3.7b() {
     --results $S/multi_gpu.jsonl --out /tmp/bench-multi-gpu
 }
 
-offload_compile() {  # issue 15, one GPU each: compiled layers with frozen-weight offload (the new default for 13B QLoRA)
-  CUDA_VISIBLE_DEVICES=0 offload_compile_gemma &
-  CUDA_VISIBLE_DEVICES=1 offload_compile_13b
+compiled_offload() {  # issue 15, one GPU each: compiled layers with frozen-weight offload
+  CUDA_VISIBLE_DEVICES=0 compiled_offload_gemma &
+  CUDA_VISIBLE_DEVICES=1 compiled_offload_13b
   wait
 }
 
-offload_compile_gemma() {  # GPU 0: Gemma 3 270M architecture (random weights: speed and memory as the real one)
-  step oc_gemma_trl 300 python3 bench/train_speed.py --model gemmarandom --method lora --variant baseline --steps 30 \
-    --results $S/train_speed.jsonl
-  step oc_gemma_default 300 python3 bench/train_speed.py --model gemmarandom --method lora --variant tunebench \
-    --steps 30 --results $S/train_speed.jsonl
-  step oc_gemma_offload 300 python3 bench/train_speed.py --model gemmarandom --method lora --variant tunebench \
-    --steps 30 --set train.offload_frozen=true --results $S/train_speed.jsonl
-  step oc_gemma_profile 300 python3 bench/step_profile.py --case gemmarandom-lora --label gemma-compiled \
-    --out-dir $S/profile
-}
-
-offload_compile_13b() {  # GPU 1: llm-jp-3-13b shape QLoRA
-  step oc_13b_trl 400 python3 bench/train_speed.py --model llmjp13b --method qlora --variant baseline --steps 20 \
-    --results $S/train_speed.jsonl
-  step oc_13b_default 400 python3 bench/train_speed.py --model llmjp13b --method qlora --variant tunebench \
-    --steps 20 --results $S/train_speed.jsonl
-  step oc_13b_no_offload 400 python3 bench/train_speed.py --model llmjp13b --method qlora --variant tunebench \
-    --steps 20 --set train.offload_frozen=false --results $S/train_speed.jsonl
-  step oc_13b_eager 400 python3 bench/train_speed.py --model llmjp13b --method qlora --variant tunebench \
-    --steps 20 --set train.compile=false --results $S/train_speed.jsonl
-  step oc_13b_profile 300 python3 bench/step_profile.py --case llmjp13b-qlora --label 13b-compiled-offload \
-    --steps 10 --count 2 --set train.offload_frozen=true --out-dir $S/profile
-}
-
-checkpoint_inside() {  # issue 15 after compile_layer took checkpointing inside the compiled call, one GPU each
-  CUDA_VISIBLE_DEVICES=0 checkpoint_inside_gemma &
-  CUDA_VISIBLE_DEVICES=1 checkpoint_inside_13b
-  wait
-}
-
-checkpoint_inside_gemma() {  # GPU 0: Gemma 3 270M architecture, random weights
+compiled_offload_gemma() {  # GPU 0: Gemma 3 270M architecture, random weights
   local speed=(python3 bench/train_speed.py --model gemmarandom --method lora --steps 30 --results $S/train_speed.jsonl)
   step ci_gemma_trl 300 "${speed[@]}" --variant baseline
   step ci_gemma_default 300 "${speed[@]}" --variant tunebench
@@ -175,7 +144,7 @@ checkpoint_inside_gemma() {  # GPU 0: Gemma 3 270M architecture, random weights
     --out-dir $S/profile
 }
 
-checkpoint_inside_13b() {  # GPU 1: llm-jp-3-13b shape QLoRA
+compiled_offload_13b() {  # GPU 1: llm-jp-3-13b shape QLoRA
   local speed=(python3 bench/train_speed.py --model llmjp13b --method qlora --steps 20 --results $S/train_speed.jsonl)
   step ci_13b_trl 400 "${speed[@]}" --variant baseline
   step ci_13b_default 400 "${speed[@]}" --variant tunebench
