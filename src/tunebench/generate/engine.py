@@ -18,6 +18,7 @@ from transformers import StoppingCriteriaList
 from tunebench.config import GenerateConfig
 from tunebench.data.templates import get_template, stop_token_ids
 from tunebench.data.tokens import encode_prompt, special_prefix
+from tunebench.errors import failure_reason
 from tunebench.generate.merge_adapter import merge_for_generation
 from tunebench.generate.stops import STOP_CHECK_EVERY, StopStringsEvery, tokens_until_stop
 
@@ -156,8 +157,8 @@ class Generator:
             if not static or self.config.compile is True or streamer is not None or \
                     isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
-            log.warning("generate.compile: the static-cache decode step failed (%s: %s); generating without it "
-                        "(generate.compile: false skips trying)", type(exc).__name__, str(exc).split("\n")[0][:200])
+            log.warning("generate.compile: the static-cache decode step failed (%s); generating without it "
+                        "(generate.compile: false skips trying)", failure_reason(exc))
             self.static_cache_failed = True
         return self.decode(prompts, max_new_tokens, min_new_tokens, stopping_criteria, streamer, False)
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from tunebench.config_checks import compile_refusal
 from tunebench.data.tokens import IGNORE
-from tunebench.errors import ConfigError
+from tunebench.errors import ConfigError, failure_reason
 from tunebench.train.wrapped import causal_lm
 
 log = logging.getLogger(__name__)
@@ -185,13 +185,6 @@ class EagerFallback:
         log.warning("train.compile auto: the compiled decoder layers failed (%s); training on without compiling "
                     "(train.compile: false skips trying)", failure_reason(exc))
         return True
-
-
-def failure_reason(exc: BaseException) -> str:
-    """The error under dynamo's wrapping (BackendCompilerFailed holds the backend's own), on one line."""
-    root = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
-    lines = [line for line in str(root).splitlines() if line.strip()]
-    return f"{type(root).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def retry_step(model, exc: BaseException) -> bool:
