@@ -304,7 +304,7 @@ def test_a_checkpoint_around_the_compiled_layer_ends_its_recompute_early_without
     layer = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
     layer.load_state_dict(eager.state_dict())
     layer.compile(backend=BACKEND)
-    fallback = EagerFallback(1)
+    fallback = EagerFallback()
     CompiledLayer(layer, fallback)
     x = torch.randn(4, 8, requires_grad=True)
     for module in (eager, layer):

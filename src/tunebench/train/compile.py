@@ -105,7 +105,7 @@ def compile_layers(model, backend=None, fall_back: bool = False) -> int:
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     start_clock()
     layers = decoder_layers(model)
-    fallback = EagerFallback(len(layers)) if fall_back else None
+    fallback = EagerFallback() if fall_back else None  # one for all the layers
     for layer in layers:
         layer.compile(backend=backend or BACKEND)
         CompiledLayer(layer, fallback)
@@ -118,8 +118,9 @@ class CompiledLayer:
 
     The callbacks run before each call and again just before the layer's backward (a hook on the
     gradient of its output): where the checkpoint is inside the layer's forward (transformers 5.24), the
-    compiled graph recomputes the layer in its own backward, which no module call announces. Installed as the layer's `_compiled_call_impl`, which nn.Module.__call__ calls in place
-    of the eager `_call_impl` (what module.compile() put there is kept as `compiled`)."""
+    compiled graph recomputes the layer in its own backward, which no module call announces. Installed
+    as the layer's `_compiled_call_impl`, which nn.Module.__call__ calls in place of the eager
+    `_call_impl` (what module.compile() put there is kept as `compiled`)."""
 
     def __init__(self, layer: nn.Module, fallback: EagerFallback | None = None):
         self.layer = layer
@@ -172,8 +173,7 @@ class EagerFallback:
     layer's call); any other error is taken for one, and a real fault (bad input, a CUDA error) fails
     again eagerly and is raised from there."""
 
-    def __init__(self, layers: int):
-        self.layers = layers
+    def __init__(self):
         self.failed = False
 
     def give_up(self, exc: BaseException) -> bool:

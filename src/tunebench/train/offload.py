@@ -5,11 +5,11 @@ quantisation state) are copied once into one pinned host buffer per layer. A for
 every module that owns one of them (so it fires inside a checkpointed recompute too, whichever
 way the model wraps its layers) makes sure that layer's buffer is on the GPU, fetches the next
 layer's on a side stream and lets go of the others: at most two layers' frozen weights are on the
-GPU at once. Compiled layers (train.compile) get the same call at the layer's entry instead,
-outside the compiled graph (compile.CompiledLayer.before): the graph reads the weights as inputs,
-so pointing a parameter at the other copy needs no recompile. The direction is read from the order of calls: forward runs layers 0, 1, 2, …; the
-backward pass of re-entrant gradient checkpointing recomputes them last to first, each right
-before its backward.
+GPU at once. Compiled layers (train.compile) get the same call at the layer's entry and before
+the layer's backward instead, outside the compiled graph (compile.CompiledLayer.before): the graph
+reads the weights as inputs, so pointing a parameter at the other copy needs no recompile. The
+direction is read from the order of calls: forward runs layers 0, 1, 2, …; the backward pass of
+re-entrant gradient checkpointing recomputes them last to first, each right before its backward.
 
 Re-entrant checkpointing is required: its first forward keeps no autograd state, so nothing holds
 a layer's GPU copy after the layer has run (the non-re-entrant form keeps the graph, and
