@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-
 def worker(config: str, run_dir: str, out_dir: Path, label: str, first: int, count: int, extra: list[str]) -> None:
     """Run `tunebench train` in this process with train_step wrapped: timed every step, profiled in
     [first, first + count)."""

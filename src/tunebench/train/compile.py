@@ -130,17 +130,19 @@ class CompiledLayer:
         layer._compiled_call_impl = self
 
     def __call__(self, *args, **kwargs):
-        for callback in self.before:
-            callback()
+        self.run_before()
         out = self.run(*args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
         if self.before and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
             hidden.register_hook(self.before_backward)
         return out
 
-    def before_backward(self, grad: torch.Tensor) -> torch.Tensor:
+    def run_before(self) -> None:
         for callback in self.before:
             callback()
+
+    def before_backward(self, grad: torch.Tensor) -> torch.Tensor:
+        self.run_before()
         return grad
 
     def run(self, *args, **kwargs):
