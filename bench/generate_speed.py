@@ -1,13 +1,14 @@
 """Generation speed (issue 15): the plain decode path against merged adapter, host stop checks and
-the static cache with a compiled decode step, on Gemma 3 270M + a LoRA adapter from a tunebench run.
+tunebench's decode loop with each step captured as a CUDA graph, on Gemma 3 270M + a LoRA adapter
+from a tunebench run.
 
 Each variant loads the run afresh (merging changes the loaded model in place) and measures, greedy,
 repetition_penalty 1.2, the run's dtype (bf16 on a GPU):
-- one prompt × --one-prompt-tokens new tokens (EOS held back so every run makes that many): new tok/s,
-  cold (first call: a compiled variant compiles here) and warm;
 - all tasks × up to --max-new-tokens, batched as `tunebench generate` does: wall, new tok/s, how many
   answers differ from the `current` variant's (read from this call or an earlier one's answers file);
-  a compiled variant runs twice (cold, with the compile; warm).
+  a graphs variant runs twice (cold: the first pass in the process, compiling included; warm);
+- then one prompt × --one-prompt-tokens new tokens (EOS held back so every run makes that many): new
+  tok/s, first and second call.
 
     python bench/generate_speed.py --run /tmp/bench-runs/gemma-lora-512 --tasks .gpu/tv.jsonl
     python bench/generate_speed.py --run ... --tasks ... --variants current merged   # split over calls
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tunebench.config import GenerateConfig  # noqa: E402
 from tunebench.data.templates import render_prompt  # noqa: E402
 from tunebench.generate.engine import Generator  # noqa: E402
+from tunebench.generate.graph_decode import GraphDecode  # noqa: E402
 from tunebench.generate.stops import STOP_CHECK_EVERY  # noqa: E402
 from tunebench.models.trained import load_for_inference, pick_template  # noqa: E402
 from tunebench.tasksets import load_tasks  # noqa: E402
@@ -47,16 +49,29 @@ from tunebench.tasksets import load_tasks  # noqa: E402
 @dataclass(frozen=True)
 class Variant:
     merge_adapter: bool
-    compile: bool
+    cuda_graphs: bool
     stop_check_every: int | None  # None: transformers' per-token stop_strings (the path before issue 15)
+    compile: bool = False  # generate.compile: the loop's decoder layers torch.compile'd
+    grouped_attention: bool = True  # the loop's own attention for the new token (decode_attention.py)
+    compaction: bool = True  # the loop drops finished rows
 
 
 VARIANTS = {
-    "current": Variant(merge_adapter=False, compile=False, stop_check_every=None),
-    "merged": Variant(merge_adapter=True, compile=False, stop_check_every=None),
-    "merged+stops": Variant(merge_adapter=True, compile=False, stop_check_every=STOP_CHECK_EVERY),
-    "merged+stops+compiled": Variant(merge_adapter=True, compile=True, stop_check_every=STOP_CHECK_EVERY),
+    "current": Variant(merge_adapter=False, cuda_graphs=False, stop_check_every=None),
+    "merged": Variant(merge_adapter=True, cuda_graphs=False, stop_check_every=None),
+    "merged+stops": Variant(merge_adapter=True, cuda_graphs=False, stop_check_every=STOP_CHECK_EVERY),
+    "merged+stops+graphs": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY),
+    "merged+stops+graphs+compile": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
+                                           compile=True),  # today's default on a GPU
+    # levers of the loop, one off at a time (compiled)
+    "graphs-sdpa": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY, compile=True,
+                           grouped_attention=False),
+    "graphs-whole-batch": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
+                                  compile=True, compaction=False),
 }
+
+
+WORTH_COMPACTING = GraphDecode.worth_compacting
 
 
 def sync() -> None:
@@ -72,11 +87,24 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
+def set_levers(variant: Variant) -> None:
+    """Turns the decode loop's levers on or off for this process (bench only)."""
+    from contextlib import nullcontext
+
+    from tunebench.generate import decode_attention, graph_decode
+
+    graph_decode.decode_attention = decode_attention.decode_attention if variant.grouped_attention else \
+        (lambda model: nullcontext())
+    graph_decode.GraphDecode.worth_compacting = WORTH_COMPACTING if variant.compaction else (lambda self: False)
+
+
 def build_generator(run: str, variant: Variant, max_new_tokens: int, batch_size: int | None,
                     fold_ids: int | None = None) -> Generator:
+    set_levers(variant)
     loaded = load_for_inference(run)
     config = GenerateConfig(max_new_tokens=max_new_tokens, repetition_penalty=1.2, merge_adapter=variant.merge_adapter,
-                            compile=variant.compile, batch_size=batch_size)
+                            cuda_graphs=variant.cuda_graphs, compile=variant.compile,
+                            batch_size=batch_size)
     template = pick_template(loaded.template, None, loaded.tokenizer)
     generator = Generator(loaded.model, loaded.tokenizer, template, config, stop_check_every=variant.stop_check_every)
     if fold_ids:  # a random model of a real shape with a borrowed tokenizer (train_gpu.py's 13B): ids folded in
@@ -114,10 +142,10 @@ def measure(name: str, args, tasks, out_dir: Path) -> dict:
         torch.cuda.reset_peak_memory_stats()
     generator, load_s = timed(lambda: build_generator(args.run, variant, args.max_new_tokens, args.batch_size,
                                                       args.fold_ids))
-    row = {"variant": name, **vars(variant), "load_s": load_s, "device": device_name(),
+    # the tasks first: their cold pass is what one `tunebench generate` does (compiling included)
+    summary, texts = all_tasks(generator, tasks, 2 if variant.cuda_graphs else 1)
+    row = {"variant": name, **vars(variant), "load_s": load_s, "device": device_name(), **summary,
            **one_prompt(generator, tasks[0], args.one_prompt_tokens)}
-    summary, texts = all_tasks(generator, tasks, 2 if variant.compile else 1)
-    row.update(summary)
     if torch.cuda.is_available():
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     (out_dir / f"answers-{name}.json").write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
@@ -194,7 +222,8 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['variant']:<26}{one:>16}{r['tasks']:>6}{r['tasks_cold_wall_s']:>9.1f}{r['new_tokens']:>9}"
               f"{r['tasks_cold_tok_s']:>8.0f}{warm_wall:>12}{warm_rate:>11}{str(r.get('differ_from_current', '-')):>7}"
               f"{r.get('peak_gib', 0):>9.2f}")
-    print("1 prompt tok/s: cold/warm (cold includes compiling); differ: answers unlike the current path's")
+    print("wall s, tok/s: the first pass over the tasks in the process (compiling included); 1 prompt tok/s: first/second "
+          "call, after the tasks; differ: answers unlike the current path's")
 
 
 def main() -> None:
@@ -213,7 +242,11 @@ def main() -> None:
     parser.add_argument("--out-dir", default="/tmp/generate-speed", help="JSON lines and answers files "
                         "(default: %(default)s; copied into $OUT when set)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny random model + adapter, 16 tokens, on CPU")
+    parser.add_argument("--table", type=Path, metavar="JSONL", help="only print the table of an earlier call's lines")
     args = parser.parse_args()
+    if args.table:
+        print_table([json.loads(line) for line in args.table.read_text(encoding="utf-8").splitlines() if line.strip()])
+        return
     if args.cpu_smoke:
         args.run, args.tasks = smoke_run(Path(tempfile.mkdtemp(prefix="generate-speed-smoke-")))
         args.max_new_tokens, args.one_prompt_tokens = 16, 8

@@ -18,6 +18,11 @@
 #   compiled_offload  one GPU each: Gemma (TRL vs compiled vs eager vs compiled with offload and smaller logits
 #               blocks, a 3-epoch megagon run, a profile) and the 13B shape (TRL vs compiled with offload vs
 #               compiled without vs eager, a profile)
+#   graphs_final  the same after the compiled layers stopped recompiling per layer (Gemma: real model only,
+#               a second process on the warm inductor cache, a profile of the decode step)
+#   graphs      one GPU each: tunebench's captured decode loop (generate.cuda_graphs) against transformers'
+#               generate; GPU 0 Gemma 3 270M (random weights first, then the real model + LoRA once its GGUF
+#               pieces are here), GPU 1 the 4-bit llm-jp-3-13b shape answering the tasks
 # The real Gemma 3 270M is used when the GGUF has been converted (/tmp/model/converted), else its
 # architecture with random weights. Every step has a timeout and a failure never stops the others;
 # NVLink multicast is off in every process.
@@ -88,7 +93,7 @@ gemma_side() {  # GPU 0
   step speed_gemma_compile 400 python3 bench/train_speed.py --model "$model" --method lora --variant tunebench \
     --steps 30 --set train.compile=true --results $S/train_speed.jsonl
   step generate_gemma 400 python3 bench/generate_speed.py --run "/tmp/bench-speed/$model-lora+compile=false-512" \
-    --tasks /tmp/tv.jsonl --variants current merged merged+stops merged+stops+compiled --out-dir $S/generate-gemma
+    --tasks /tmp/tv.jsonl --variants current merged merged+stops merged+stops+graphs --out-dir $S/generate-gemma
   local random=()
   [ "$model" = gemmarandom ] && random=(--set model.name_or_path=/tmp/gemma270m-random --set model.tokenizer=/tmp/gemma-tok)
   step epochs3_compile 400 python3 -m tunebench.cli train src/tunebench/presets/quickstart.yaml "${random[@]}" \
@@ -105,7 +110,7 @@ llmjp_side() {  # GPU 1
   step speed_13b_compile 400 python3 bench/train_speed.py --model llmjp13b --method qlora --variant tunebench \
     --steps 20 --set train.compile=true --results $S/train_speed.jsonl
   step generate_13b 330 python3 bench/generate_speed.py --run /tmp/bench-speed/llmjp13b-qlora+compile=false-512 \
-    --tasks /tmp/tv.jsonl --fold-ids 99487 --one-prompt-tokens 64 --variants merged+stops merged+stops+compiled \
+    --tasks /tmp/tv.jsonl --fold-ids 99487 --one-prompt-tokens 64 --variants merged+stops merged+stops+graphs \
     --out-dir $S/generate-13b
 }
 
@@ -154,6 +159,62 @@ compiled_offload_13b() {  # GPU 1: llm-jp-3-13b shape QLoRA
     --steps 10 --count 2 --set train.offload_frozen=true --out-dir $S/profile
 }
 
+real_gemma_run() {  # waits for the five GGUF pieces, converts them, trains a LoRA run of 30 steps on the real model
+  local waited=0
+  while [ "$(pieces)" != 5 ] && [ $waited -lt 400 ]; do sleep 3; waited=$((waited + 3)); done
+  step gd_convert 300 bash bench/gpu_setup.sh model && touch /tmp/model/converted
+  [ -f /tmp/model/converted ] || return 1
+  step gd_train 300 python3 bench/train_speed.py --model gemma --method lora --variant tunebench --steps 30 \
+    --set train.compile=false --results $S/train_speed.jsonl
+}
+
+graphs() {  # issue 15's generation bar, one GPU each
+  CUDA_VISIBLE_DEVICES=0 graphs_gemma &
+  CUDA_VISIBLE_DEVICES=1 graphs_13b
+  wait
+}
+
+graphs_gemma() {  # GPU 0: random weights at once (every answer runs to 512 tokens), then the real model
+  local gen=(python3 bench/generate_speed.py --tasks /tmp/tv.jsonl)
+  step gd_random_train 300 python3 bench/train_speed.py --model gemmarandom --method lora --variant tunebench \
+    --steps 5 --set train.compile=false --results $S/train_speed.jsonl
+  step gd_random_generate 400 "${gen[@]}" --run /tmp/bench-speed/gemmarandom-lora+compile=false-512 \
+    --variants merged+stops+graphs+compile merged+stops+graphs merged+stops --out-dir $S/generate-gemmarandom
+  real_gemma_run || return
+  # a fresh inductor cache: the first `tunebench generate` on a machine; then a second process reuses it
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache-gemma
+  step gd_generate 500 "${gen[@]}" --run /tmp/bench-speed/gemma-lora+compile=false-512 \
+    --variants current merged+stops merged+stops+graphs+compile merged+stops+graphs --out-dir $S/generate-gemma
+  step gd_generate_again 300 "${gen[@]}" --run /tmp/bench-speed/gemma-lora+compile=false-512 \
+    --variants merged+stops+graphs+compile graphs-sdpa graphs-whole-batch --out-dir $S/generate-gemma
+}
+
+graphs_13b() {  # GPU 1: the 4-bit llm-jp-3-13b shape + LoRA (random weights) answering the tasks
+  step gd_13b_train 400 python3 bench/train_speed.py --model llmjp13b --method qlora --variant tunebench \
+    --steps 5 --set train.compile=false --results $S/train_speed.jsonl
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache-13b
+  step gd_13b_generate 500 python3 bench/generate_speed.py --run /tmp/bench-speed/llmjp13b-qlora+compile=false-512 \
+    --tasks /tmp/tv.jsonl --fold-ids 99487 --one-prompt-tokens 64 --variants merged+stops+graphs+compile \
+    merged+stops+graphs merged+stops \
+    --out-dir $S/generate-13b
+}
+
+graphs_final() {  # the compiled decode loop once each layer is no graph of its own: one GPU each
+  CUDA_VISIBLE_DEVICES=0 graphs_final_gemma &
+  CUDA_VISIBLE_DEVICES=1 graphs_13b
+  wait
+}
+
+graphs_final_gemma() {  # GPU 0: the real Gemma 3 270M + LoRA (its GGUF pieces come one per call)
+  local gen=(python3 bench/generate_speed.py --tasks /tmp/tv.jsonl --run /tmp/bench-speed/gemma-lora+compile=false-512)
+  real_gemma_run || return
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache-gemma  # fresh: the first `tunebench generate` on a machine
+  step gd_generate 400 "${gen[@]}" --variants merged+stops+graphs+compile merged+stops merged+stops+graphs \
+    --out-dir $S/generate-gemma
+  step gd_generate_again 300 "${gen[@]}" --variants merged+stops+graphs+compile --out-dir $S/generate-gemma-again
+  step gd_profile 300 python3 bench/decode_profile.py --run /tmp/bench-speed/gemma-lora+compile=false-512
+}
+
 collect() {
   local out=${OUT:-/tmp/out}
   mkdir -p "$out"
@@ -165,6 +226,9 @@ collect() {
   python3 bench/train_speed.py --table $S/train_speed.jsonl 2>/dev/null
   python3 bench/ddp_scaling.py --table $S/ddp_scaling.jsonl 2>/dev/null
   python3 bench/step_profile.py --table --out-dir $S/profile 2>/dev/null
+  for dir in $S/generate-*; do
+    [ -f "$dir/generate_speed.jsonl" ] && python3 bench/generate_speed.py --table "$dir/generate_speed.jsonl" 2>/dev/null
+  done
 }
 
 case "${1:-run}" in

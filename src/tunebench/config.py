@@ -167,11 +167,16 @@ class GenerateConfig:
     merge_adapter: Literal["auto"] | bool = option(
         "auto", help="fold a LoRA adapter into the weights in memory for generating (the files on disk "
         "unchanged); auto/true: when the base is not 4-bit (a 4-bit base keeps the adapter)")
+    cuda_graphs: Literal["auto"] | bool = option(
+        "auto", help="decode over a static KV cache with each decode step captured as one CUDA graph "
+        "(tunebench's loop; capturing costs one step); auto: on a CUDA GPU; true: also on "
+        "CPU, without a graph; false: transformers' generate. Streamed replies, no_repeat_ngram_size and prefix/"
+        "prompt-tuned models always use transformers' generate")
     compile: Literal["auto"] | bool = option(
-        False, help="static KV cache and a torch.compile'd decode step; auto: on a CUDA GPU, for task "
-        "sets (not serve's one-off prompts); true on CPU: the static cache without compiling; default false: "
-        "compiling costs more than one pass over 100 tasks saves on a small model, it pays on 13B-class "
-        "models (docs/PERFORMANCE.md)")
+        "auto", help="torch.compile the decoder layers of that loop's decode step (fuses their small kernels; "
+        "the first run on a machine compiles for ~10 s, inductor's disk cache halves that later); auto: on a "
+        "CUDA GPU for models under 3 B parameters (a 13B-class step is bound by memory traffic: compiling only "
+        "costs); a compile that fails under auto decodes uncompiled")
 
 
 @dataclass
@@ -257,6 +262,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         # YAML reads '#…' as a comment: `--set x=###` would silently become null; keep the text
         parsed = value
     node[parts[-1]] = parsed
+
 
 
 def build(cls: type, raw: Any, prefix: str, where: str, problems: list[str] | None = None) -> Any:

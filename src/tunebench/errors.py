@@ -24,7 +24,7 @@ class JudgeError(TunebenchError):
 
 def failure_reason(exc: BaseException) -> str:
     """The error under dynamo's wrapping (BackendCompilerFailed holds the backend's own), on one line:
-    the warning of a compile fallback (train.compile, generate.compile under auto)."""
+    the warning of a fallback (train.compile, generate.cuda_graphs under auto)."""
     root = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
     lines = [line for line in str(root).splitlines() if line.strip()]
     return f"{type(root).__name__}: {lines[0][:200] if lines else ''}"

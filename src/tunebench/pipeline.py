@@ -138,7 +138,7 @@ TRAIN_SECTIONS = ("model", "data", "train")
 GENERATE_SECTIONS = (*TRAIN_SECTIONS, "generate")
 INERT_KEYS = {"data.allow_contamination", "train.logging_steps", "train.save_steps", "train.save_total_limit",
               "train.report_to", "train.eval_steps", "generate.batch_size"}
-INERT_KEYS |= {"generate.merge_adapter", "generate.compile"}  # same answers, bf16 rounding aside (as batch_size)
+INERT_KEYS |= {"generate.merge_adapter", "generate.cuda_graphs", "generate.compile"}  # same answers, bf16 rounding aside (as batch_size)
 
 
 def settings_of(config: Config, sections: tuple[str, ...]) -> dict[str, Any]:

@@ -1,14 +1,14 @@
-"""The fast decode path: merged LoRA adapter, stop strings checked every few tokens, static KV cache.
+"""The fast decode path: merged LoRA adapter, stop strings checked every few tokens (the captured
+decode loop: test_graph_decode.py).
 Each gives the same greedy answers as the plain path (float64, so no near-tie among 262,144 logits
 flips between two summation orders)."""
 
 import hashlib
 
-import pytest
 import torch
 
 from tunebench.config import GenerateConfig
-from tunebench.generate.engine import Generator, uses_static_cache
+from tunebench.generate.engine import Generator
 from tunebench.generate.merge_adapter import is_quantized, merge_for_generation, should_merge
 from tunebench.generate.stops import tokens_until_stop
 from tunebench.models.trained import load_for_inference
@@ -81,53 +81,3 @@ def test_tokens_until_stop_finds_the_first_prefix_holding_a_stop(tokenizer):
     n = tokens_until_stop(tokenizer, tokens, ["### 指示"])
     assert "### 指示" in tokenizer.decode(tokens[:n]) and "### 指示" not in tokenizer.decode(tokens[: n - 1])
     assert tokens_until_stop(tokenizer, tokens, ["存在しない"]) is None
-
-
-def test_static_cache_on_cpu_gives_the_same_greedy_answers(tiny_model_dir):
-    """generate.compile: true on CPU runs the static KV cache (transformers compiles on GPUs only) with
-    prompts padded to a multiple of 64: the same answers as the dynamic cache."""
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert uses_static_cache("auto", cuda, task_set=True) and not uses_static_cache("auto", cpu, task_set=True)
-    assert not uses_static_cache("auto", cuda, task_set=False)  # serve, the local judge: one-off shapes
-    assert uses_static_cache(True, cpu, task_set=False) and not uses_static_cache(False, cuda, task_set=True)
-    tiny = load_for_inference(str(tiny_model_dir), dtype=torch.float64)
-    settings = dict(max_new_tokens=10, batch_size=2, **LIVELY)
-    dynamic = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(**settings))
-    static = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(compile=True, **settings))
-    a = dynamic.generate(conversations())
-    seen = []
-    real = tiny.model.generate
-
-    def spy(**kwargs):
-        seen.append((kwargs.get("cache_implementation"), kwargs["input_ids"].shape[1]))
-        return real(**kwargs)
-
-    tiny.model.generate = spy
-    b = static.generate(conversations())
-    assert seen and all(cache == "static" and width % 64 == 0 for cache, width in seen)
-    assert [(x.text, x.new_tokens) for x in a] == [(x.text, x.new_tokens) for x in b]
-
-
-def test_a_failing_compiled_decode_falls_back_under_auto_and_is_raised_under_true(tiny_model_dir, monkeypatch, caplog):
-    from tunebench.generate import engine
-
-    tiny = load_for_inference(str(tiny_model_dir), dtype=torch.float64)
-    settings = dict(max_new_tokens=6, batch_size=2, **LIVELY)
-    expected = [a.text for a in Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(**settings))
-                .generate(conversations())]
-    monkeypatch.setattr(engine, "uses_static_cache", lambda setting, device, task_set: setting is not False)  # as on a GPU
-    real, calls = tiny.model.generate, []
-
-    def compile_fails(**kwargs):
-        calls.append(kwargs.get("cache_implementation"))
-        if kwargs.get("cache_implementation") == "static":
-            raise RuntimeError("BackendCompilerFailed: inductor raised an error\nlong traceback")
-        return real(**kwargs)
-
-    tiny.model.generate = compile_fails
-    auto = Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(compile="auto", **settings))
-    assert [a.text for a in auto.generate(conversations())] == expected
-    assert calls[:2] == ["static", None] and "static" not in calls[2:]  # tried once, then the plain path
-    assert "generate.compile: the static-cache decode step failed (RuntimeError: BackendCompilerFailed" in caplog.text
-    with pytest.raises(RuntimeError, match="BackendCompilerFailed"):
-        Generator(tiny.model, tiny.tokenizer, "course", GenerateConfig(compile=True, **settings)).generate(conversations())

@@ -20,8 +20,9 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write {task_id, input, output} lines, one per task in task order. A rerun resumes.\n"
                     "A LoRA adapter on a bf16/fp32 base is merged in memory first (generate.merge_adapter; the\n"
-                    "files on disk unchanged, a 4-bit base never); on a CUDA GPU the decode step runs on a static\n"
-                    "KV cache, compiled (generate.compile). Greedy answers are the same, bf16 rounding aside.",
+                    "files on disk unchanged, a 4-bit base never); on a CUDA GPU each decode step is one captured\n"
+                    "CUDA graph over a static KV cache (generate.cuda_graphs). Greedy answers are the same, bf16\n"
+                    "rounding aside.",
         epilog="examples:\n  tunebench generate runs/quickstart --tasks elyza-tasks-100-tv\n"
                "  tunebench generate llm-jp/llm-jp-3-13b --template course --tasks my_tasks.jsonl --out base.jsonl")
     gen.add_argument("target", help="a run directory, a merged model folder, or a hub id / model folder")

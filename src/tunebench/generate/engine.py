@@ -7,7 +7,6 @@ with an attention mask, so greedy batched outputs equal one-at-a-time outputs.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol
@@ -19,15 +18,19 @@ from tunebench.config import GenerateConfig
 from tunebench.data.templates import get_template, stop_token_ids
 from tunebench.data.tokens import encode_prompt, special_prefix
 from tunebench.errors import failure_reason
+from tunebench.generate.graph_decode import DecodeSettings, GraphDecode
 from tunebench.generate.merge_adapter import merge_for_generation
-from tunebench.generate.stops import STOP_CHECK_EVERY, StopStringsEvery, tokens_until_stop
+from tunebench.generate.stops import (
+    STOP_CHECK_EVERY,
+    StopStringsEvery,
+    rows_holding_stop,
+    stop_window,
+    tokens_until_stop,
+)
 
 log = logging.getLogger(__name__)
 
 EMPTY_RETRY_MIN_TOKENS = 8
-# With a static cache each distinct prompt width is a new compiled graph: widths are rounded up to
-# a multiple of this (extra left padding, which greedy answers do not depend on).
-STATIC_WIDTH_MULTIPLE = 64
 
 
 @dataclass
@@ -57,18 +60,32 @@ def clean_answer(text: str, stops: list[str]) -> tuple[str, bool]:
     return text.strip(), cut >= 0
 
 
-def uses_static_cache(setting: str | bool, device: torch.device, task_set: bool) -> bool:
-    """generate.compile: auto compiles on a CUDA GPU only (on CPU compiling costs more than it saves) and
-    only the batches of a task set, where a few shapes repeat over many rows; serve's and the local
-    judge's one-off prompts (and an empty answer's retry) would each pay a compile of their own shape."""
-    return device.type == "cuda" and task_set if setting == "auto" else bool(setting)
+# generate.compile auto compiles models below this size: their decode step is bound by kernel count,
+# which fusing cuts (Gemma 3 270M: 3.8 → 1.5 ms a step); a 13B-class step is bound by memory traffic,
+# and compiling only adds its time (the 4-bit llm-jp-3-13b shape: no faster, 7 s more). docs/PERFORMANCE.md
+COMPILE_BELOW_PARAMETERS = 3_000_000_000
 
 
-@functools.cache
-def warn_static_cache_uncompiled() -> None:
-    """Once per process: serve makes a Generator per request."""
-    log.warning("generate.compile: true off a CUDA GPU uses the static KV cache without compiling "
-                "(transformers compiles the decode step on GPUs only)")
+def compiles_decode(setting: str | bool, device: torch.device, parameters: int = 0) -> bool:
+    """generate.compile: auto compiles the decode loop's layers on a CUDA GPU for a model of fewer than
+    COMPILE_BELOW_PARAMETERS parameters (on CPU compiling costs more than it saves); true: any model, also
+    on CPU."""
+    if setting == "auto":
+        return device.type == "cuda" and parameters < COMPILE_BELOW_PARAMETERS
+    return bool(setting)
+
+
+def prompt_learning(model) -> bool:
+    """A prefix- or prompt-tuned peft model: its forward brings its own virtual tokens and key/value
+    prefix, which the decode loop's static cache has no room for (transformers' generate handles them)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def uses_graph_decode(setting: str | bool, device: torch.device) -> bool:
+    """generate.cuda_graphs: auto captures the decode step on a CUDA GPU; true also runs tunebench's
+    decode loop on CPU (without a graph: the same answers, for tests); false: transformers' generate."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
 def kv_bytes_per_token(model_config, dtype_bytes: int = 2) -> int:
@@ -87,7 +104,9 @@ def auto_batch_size(model, n_items: int, longest_prompt: int, max_new_tokens: in
     if free_bytes is None:
         if device.type != "cuda":
             return min(n_items, 8)
-        free_bytes = torch.cuda.mem_get_info(device)[0]
+        # what the driver has free plus what torch's allocator holds unused (an earlier batch's cache)
+        free_bytes = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+            torch.cuda.memory_allocated(device)
     per_row = kv_bytes_per_token(model.config) * (longest_prompt + max_new_tokens)
     return max(1, min(n_items, int(free_bytes * share // per_row)))
 
@@ -109,15 +128,15 @@ class Generator:
         self.eos_ids = stop_token_ids(tokenizer, template)
         self.prefix = special_prefix(tokenizer)
         self.stop_check_every = stop_check_every
-        self.static_cache_failed = False  # set when a compiled decode failed under generate.compile: auto
-        if config.compile is True and next(self.model.parameters()).device.type != "cuda":
-            warn_static_cache_uncompiled()
+        self.graph_decode_failed = False  # set when the captured decode failed under generate.cuda_graphs: auto
+        self.compile_failed = False  # set when its compiled layers failed under generate.compile: auto
+        self.parameters = sum(p.numel() for p in self.model.parameters())
 
     def with_settings(self, **changes) -> Generator:
         """The same model, tokenizer and template with some generate settings changed (per request)."""
         generator = Generator(self.model, self.tokenizer, self.template, replace(self.config, **changes),
                               self.stop_check_every)
-        generator.static_cache_failed = self.static_cache_failed
+        generator.graph_decode_failed, generator.compile_failed = self.graph_decode_failed, self.compile_failed
         return generator
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
@@ -141,37 +160,58 @@ class Generator:
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int | None = None,
-                       min_new_tokens: int = 0, stopping_criteria=None, streamer=None,
-                       task_set: bool = False) -> list[Answer]:
+                       min_new_tokens: int = 0, stopping_criteria=None, streamer=None) -> list[Answer]:
         """One batch of encoded prompts, left-padded. `stopping_criteria` (a transformers
-        StoppingCriteriaList) and `streamer` are passed to model.generate (serve uses them);
-        `task_set`: a batch of `generate` (see uses_static_cache).
+        StoppingCriteriaList) and `streamer` are passed to model.generate (serve uses them).
 
-        Under generate.compile: auto, a static-cache/compiled decode that fails (a model or torch
-        version torch.compile cannot handle) is reported once and the batch generated without it."""
+        Plain batches go through the captured decode loop (graph_decode.py) where generate.cuda_graphs
+        allows, its layers compiled where generate.compile allows. Under auto, a compile that fails is
+        reported once and the loop goes on uncompiled; a capture that fails (a model or kernel CUDA
+        graphs cannot hold) is reported once and this generator goes on with transformers' generate."""
         device = next(self.model.parameters()).device
-        static = uses_static_cache(self.config.compile, device, task_set) and not self.static_cache_failed
-        try:
-            return self.decode(prompts, max_new_tokens, min_new_tokens, stopping_criteria, streamer, static)
-        except Exception as exc:  # whatever torch.compile raises; the plain path reraises real faults
-            if not static or self.config.compile is True or streamer is not None or \
-                    isinstance(exc, torch.cuda.OutOfMemoryError):
-                raise
-            log.warning("generate.compile: the static-cache decode step failed (%s); generating without it "
-                        "(generate.compile: false skips trying)", failure_reason(exc))
-            self.static_cache_failed = True
-        return self.decode(prompts, max_new_tokens, min_new_tokens, stopping_criteria, streamer, False)
+        graphs = uses_graph_decode(self.config.cuda_graphs, device) and not self.graph_decode_failed and \
+            not (stopping_criteria or streamer or self.config.no_repeat_ngram_size or prompt_learning(self.model))
+        while graphs:
+            compile = compiles_decode(self.config.compile, device, self.parameters) and not self.compile_failed
+            try:
+                return self.decode_in_graphs(prompts, max_new_tokens, min_new_tokens, compile)
+            except Exception as exc:  # whatever capture or compiling raises; the plain path reraises real faults
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                if compile and self.config.compile == "auto":
+                    log.warning("generate.compile: the compiled decode step failed (%s); decoding without "
+                                "compiling (generate.compile: false skips trying)", failure_reason(exc))
+                    self.compile_failed = True
+                    continue
+                if self.config.cuda_graphs is True or compile:
+                    raise
+                log.warning("generate.cuda_graphs: the captured decode step failed (%s); generating with "
+                            "transformers' generate (generate.cuda_graphs: false skips trying)", failure_reason(exc))
+                self.graph_decode_failed = True
+                graphs = False
+        return self.decode(prompts, max_new_tokens, min_new_tokens, stopping_criteria, streamer)
+
+    def decode_in_graphs(self, prompts: list[list[int]], max_new_tokens: int | None, min_new_tokens: int,
+                         compile: bool) -> list[Answer]:
+        """tunebench's decode loop: static KV cache, one CUDA graph per decode step (eager on CPU);
+        `compile`: its decoder layers torch.compile'd."""
+        c = self.config
+        settings = DecodeSettings(max_new_tokens or c.max_new_tokens, tuple(self.eos_ids), self.tokenizer.pad_token_id,
+                                  c.repetition_penalty, c.do_sample, c.temperature, c.top_p, c.top_k, min_new_tokens)
+        every = self.stop_check_every or 1
+        stopped = None
+        if self.stops:
+            window = stop_window(self.stops, every)
+            stopped = lambda new: rows_holding_stop(self.tokenizer, self.stops, new[:, -window:].tolist(), window)  # noqa: E731
+        generated = GraphDecode(self.model, prompts, settings, stopped, every, compile=compile).run()
+        return self.read_answers(generated, host_stops=bool(self.stops))
 
     def decode(self, prompts: list[list[int]], max_new_tokens: int | None, min_new_tokens: int, stopping_criteria,
-               streamer, static: bool) -> list[Answer]:
-        """model.generate on the left-padded batch; `static`: the static KV cache (compiled on a GPU)."""
+               streamer) -> list[Answer]:
+        """transformers' model.generate on the left-padded batch."""
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         kwargs = self.generation_kwargs(max_new_tokens, min_new_tokens)
-        if static:
-            # transformers compiles the decode step itself when the cache is static and the device a GPU
-            kwargs["cache_implementation"] = "static"
-            width = -(-width // STATIC_WIDTH_MULTIPLE) * STATIC_WIDTH_MULTIPLE
         criteria = list(stopping_criteria or [])
         host_stops = self.stops and streamer is None and self.stop_check_every  # a stream checks every token
         if host_stops:
@@ -212,7 +252,7 @@ class Generator:
             self.model, len(items), max((len(e) for e in encoded), default=1), self.config.max_new_tokens)
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            for position, answer in zip(chunk, self.generate_batch([encoded[i] for i in chunk], task_set=True)):
+            for position, answer in zip(chunk, self.generate_batch([encoded[i] for i in chunk])):
                 if not answer.text:
                     # An immediate EOS or stop string leaves nothing, which a submission may not hold:
                     # answer again with EOS suppressed for the first tokens.
