@@ -170,13 +170,15 @@ class GenerateConfig:
     cuda_graphs: Literal["auto"] | bool = option(
         "auto", help="decode over a static KV cache with each decode step captured as one CUDA graph "
         "(tunebench's loop; capturing costs one step); auto: on a CUDA GPU; true: also on "
-        "CPU, without a graph; false: transformers' generate. Streamed replies, no_repeat_ngram_size and prefix/"
-        "prompt-tuned models always use transformers' generate")
+        "CPU, without a graph; false: transformers' generate. Streamed replies, no_repeat_ngram_size, prefix/"
+        "prompt-tuned models and a model generation_config's suppress_tokens, bad_words_ids, min_p (...) always "
+        "use transformers' generate")
     compile: Literal["auto"] | bool = option(
         "auto", help="torch.compile the decoder layers of that loop's decode step (fuses their small kernels; "
         "the first run on a machine compiles for ~10 s, inductor's disk cache halves that later); auto: on a "
         "CUDA GPU for models under 3 B parameters (a 13B-class step is bound by memory traffic: compiling only "
-        "costs); a compile that fails under auto decodes uncompiled")
+        "costs); true: any size, and on CPU where the loop runs (cuda_graphs: true); a compile that fails under "
+        "auto decodes uncompiled")
 
 
 @dataclass

@@ -51,8 +51,10 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 @contextmanager
 def decode_attention(model):
-    """Runs the model's sdpa attention layers through grouped_decode_attention inside the block."""
-    config = model.config
+    """Runs the model's sdpa attention layers through grouped_decode_attention inside the block. Only
+    the text model's config is switched (transformers' setter would carry a top-level value into every
+    sub-config, a vision tower's included, and back)."""
+    config = model.config.get_text_config()
     before = config._attn_implementation
     if before != "sdpa":
         yield

@@ -111,15 +111,43 @@ def auto_batch_size(model, n_items: int, longest_prompt: int, max_new_tokens: in
     return max(1, min(n_items, int(free_bytes * share // per_row)))
 
 
+@dataclass
+class DecodeFallbacks:
+    graphs_failed: bool = False  # the captured decode failed under generate.cuda_graphs: auto
+    compile_failed: bool = False  # its compiled layers failed under generate.compile: auto
+
+
+def parameter_count(model) -> int:
+    """Parameters of the model; a bitsandbytes 4-bit weight holds two per stored byte."""
+    return sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
+
+
+# Settings a model's own generation_config may carry that transformers' generate applies and the
+# decode loop does not: such a model keeps transformers' generate.
+LOOP_UNSUPPORTED = ("suppress_tokens", "begin_suppress_tokens", "bad_words_ids", "sequence_bias", "min_p",
+                    "typical_p", "epsilon_cutoff", "eta_cutoff", "min_length", "forced_bos_token_id",
+                    "forced_eos_token_id", "exponential_decay_length_penalty", "encoder_repetition_penalty")
+
+
+def loop_unsupported(model) -> list[str]:
+    """The model generation_config's settings, from LOOP_UNSUPPORTED, that differ from the defaults."""
+    from transformers import GenerationConfig
+
+    own, default = getattr(model, "generation_config", None), GenerationConfig()
+    return [k for k in LOOP_UNSUPPORTED if own is not None and getattr(own, k, None) != getattr(default, k, None)]
+
+
 class Generator:
     """Holds a model, tokenizer and template; turns instructions into answers.
 
     A LoRA adapter on an unquantised base is merged into the model passed in (in place) unless
     generate.merge_adapter is false. `stop_check_every`: stop strings are checked on the host every
-    that many tokens; None checks them on every token with transformers' own `stop_strings`."""
+    that many tokens; None checks them on every token with transformers' own `stop_strings`.
+    `fallbacks`: what failed under auto, shared by the copies `with_settings` makes (serve's requests,
+    the local judge's prompts), so a failure is tried and reported once."""
 
     def __init__(self, model, tokenizer, template: str, config: GenerateConfig,
-                 stop_check_every: int | None = STOP_CHECK_EVERY):
+                 stop_check_every: int | None = STOP_CHECK_EVERY, fallbacks: DecodeFallbacks | None = None):
         self.model = merge_for_generation(model, config.merge_adapter)
         self.tokenizer = tokenizer
         self.template = template
@@ -128,16 +156,13 @@ class Generator:
         self.eos_ids = stop_token_ids(tokenizer, template)
         self.prefix = special_prefix(tokenizer)
         self.stop_check_every = stop_check_every
-        self.graph_decode_failed = False  # set when the captured decode failed under generate.cuda_graphs: auto
-        self.compile_failed = False  # set when its compiled layers failed under generate.compile: auto
-        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.fallbacks = fallbacks or DecodeFallbacks()
+        self.parameters = parameter_count(self.model)
 
     def with_settings(self, **changes) -> Generator:
         """The same model, tokenizer and template with some generate settings changed (per request)."""
-        generator = Generator(self.model, self.tokenizer, self.template, replace(self.config, **changes),
-                              self.stop_check_every)
-        generator.graph_decode_failed, generator.compile_failed = self.graph_decode_failed, self.compile_failed
-        return generator
+        return Generator(self.model, self.tokenizer, self.template, replace(self.config, **changes),
+                         self.stop_check_every, self.fallbacks)
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_prompt(messages, self.template, self.tokenizer, self.prefix)
@@ -169,32 +194,34 @@ class Generator:
         reported once and the loop goes on uncompiled; a capture that fails (a model or kernel CUDA
         graphs cannot hold) is reported once and this generator goes on with transformers' generate."""
         device = next(self.model.parameters()).device
-        graphs = uses_graph_decode(self.config.cuda_graphs, device) and not self.graph_decode_failed and \
-            not (stopping_criteria or streamer or self.config.no_repeat_ngram_size or prompt_learning(self.model))
+        graphs = uses_graph_decode(self.config.cuda_graphs, device) and not self.fallbacks.graphs_failed and \
+            not (stopping_criteria or streamer or self.config.no_repeat_ngram_size or prompt_learning(self.model)
+                 or loop_unsupported(self.model))
         while graphs:
-            compile = compiles_decode(self.config.compile, device, self.parameters) and not self.compile_failed
+            compile = compiles_decode(self.config.compile, device, self.parameters) and not self.fallbacks.compile_failed
             try:
-                return self.decode_in_graphs(prompts, max_new_tokens, min_new_tokens, compile)
+                generated = self.decode_in_graphs(prompts, max_new_tokens, min_new_tokens, compile)
             except Exception as exc:  # whatever capture or compiling raises; the plain path reraises real faults
                 if isinstance(exc, torch.cuda.OutOfMemoryError):
                     raise
                 if compile and self.config.compile == "auto":
                     log.warning("generate.compile: the compiled decode step failed (%s); decoding without "
                                 "compiling (generate.compile: false skips trying)", failure_reason(exc))
-                    self.compile_failed = True
+                    self.fallbacks.compile_failed = True
                     continue
                 if self.config.cuda_graphs is True or compile:
                     raise
                 log.warning("generate.cuda_graphs: the captured decode step failed (%s); generating with "
                             "transformers' generate (generate.cuda_graphs: false skips trying)", failure_reason(exc))
-                self.graph_decode_failed = True
-                graphs = False
+                self.fallbacks.graphs_failed = True
+                break
+            return self.read_answers(generated, host_stops=bool(self.stops))
         return self.decode(prompts, max_new_tokens, min_new_tokens, stopping_criteria, streamer)
 
     def decode_in_graphs(self, prompts: list[list[int]], max_new_tokens: int | None, min_new_tokens: int,
-                         compile: bool) -> list[Answer]:
+                         compile: bool) -> list[list[int]]:
         """tunebench's decode loop: static KV cache, one CUDA graph per decode step (eager on CPU);
-        `compile`: its decoder layers torch.compile'd."""
+        `compile`: its decoder layers torch.compile'd. Returns each row's new tokens."""
         c = self.config
         settings = DecodeSettings(max_new_tokens or c.max_new_tokens, tuple(self.eos_ids), self.tokenizer.pad_token_id,
                                   c.repetition_penalty, c.do_sample, c.temperature, c.top_p, c.top_k, min_new_tokens)
@@ -203,8 +230,7 @@ class Generator:
         if self.stops:
             window = stop_window(self.stops, every)
             stopped = lambda new: rows_holding_stop(self.tokenizer, self.stops, new[:, -window:].tolist(), window)  # noqa: E731
-        generated = GraphDecode(self.model, prompts, settings, stopped, every, compile=compile).run()
-        return self.read_answers(generated, host_stops=bool(self.stops))
+        return GraphDecode(self.model, prompts, settings, stopped, every, compile=compile).run()
 
     def decode(self, prompts: list[list[int]], max_new_tokens: int | None, min_new_tokens: int, stopping_criteria,
                streamer) -> list[Answer]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +31,10 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from tunebench.generate.decode_attention import decode_attention
 from tunebench.generate.decode_compile import compiled_decode_layers, eager_cache_update
+
+# One run at a time in a process: a run switches the shared model's attention and layer calls (serve
+# and the local judge already generate one request at a time).
+RUN_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,7 @@ class GraphDecode:
 
     @torch.no_grad()
     def run(self) -> list[list[int]]:
-        with decode_attention(self.model), \
+        with RUN_LOCK, decode_attention(self.model), \
                 (compiled_decode_layers(self.model) if self.compile else contextlib.nullcontext()):
             return self.decode()
 
@@ -211,7 +216,9 @@ class GraphDecode:
         self.prefill()
         new = 1
         step = self.forward_newest
-        if self.use_graph and new < limit and not self.finished(new):
+        if new < limit and self.finished(new):  # every row ended at its first token
+            limit = new
+        elif self.use_graph and new < limit:
             step = self.capture()  # its warm-up made one more token
             new += 1
         while new < limit:
