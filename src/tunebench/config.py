@@ -266,7 +266,6 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = parsed
 
 
-
 def build(cls: type, raw: Any, prefix: str, where: str, problems: list[str] | None = None) -> Any:
     """Turn a nested dict into dataclass `cls`, checking names and types. Problems are appended to
     `problems` (the field keeps its default); without that list the first one is raised."""

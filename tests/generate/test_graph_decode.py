@@ -155,7 +155,8 @@ def test_a_failing_capture_falls_back_under_auto_and_is_raised_under_true(tiny_m
 def test_compiled_decode_layers_give_the_same_answers_and_a_failing_compile_decodes_uncompiled(
         tiny_model_dir, monkeypatch, caplog):
     from tunebench.generate import decode_compile
-    from tunebench.generate.decode_compile import DecodeStepLayer, decoder_layers
+    from tunebench.generate.decode_compile import DecodeStepLayer
+    from tunebench.train.compile import decoder_layers
 
     monkeypatch.setattr(decode_compile, "BACKEND", "aot_eager")  # dynamo's tracing without code generation
     tiny = load_for_inference(str(tiny_model_dir), dtype=torch.float64)

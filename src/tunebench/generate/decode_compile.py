@@ -8,10 +8,10 @@ then captured in the decode loop's graph like any other. Only the decode step's 
 query position) go through the compiled layer; the prompt's pass stays eager, so compiling sees one
 kind of call. The KV cache's update runs outside the compiled code (a graph break): it looks its
 layer up by the layer's index, an integer dynamo would specialise on, compiling every layer apart
-(and past dynamo's recompile limit, the later layers not at all). Shapes are symbolic (rows and cache length change from batch to batch and when
-finished rows are dropped), so each distinct layer code compiles once per process (two for models
-that alternate sliding and global attention), and inductor's on-disk cache makes later processes
-cheaper.
+(and past dynamo's recompile limit, the later layers not at all). Shapes are symbolic (rows and
+cache length change from batch to batch and when finished rows are dropped), so each distinct layer
+code compiles once per process (two for models that alternate sliding and global attention), and
+inductor's on-disk cache makes later processes cheaper.
 """
 
 from __future__ import annotations
@@ -21,13 +21,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from tunebench.train.wrapped import causal_lm
+
 BACKEND = "inductor"  # the tests use aot_eager: the same tracing, without Triton code generation
 RECOMPILE_LIMIT = 16  # graph variants per layer code: sliding/global attention × one row/more × graph breaks
-
-
-def decoder_layers(model) -> nn.ModuleList:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder().layers
 
 
 class DecodeStepLayer:
@@ -50,6 +47,8 @@ class DecodeStepLayer:
 def eager_cache_update(cache) -> None:
     """Keeps `cache.update` (per layer index) out of the compiled layers: a graph break, not a recompile
     per layer."""
+    import torch._dynamo
+
     cache.update = torch._dynamo.disable(cache.update)
 
 
@@ -60,10 +59,10 @@ def compiled_decode_layers(model):
     outside the block."""
     import torch._dynamo
 
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
-    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
-    layers = list(decoder_layers(model))
+    from tunebench.train.compile import raise_recompile_limit  # torch.compile's setting, shared with training
+
+    raise_recompile_limit(RECOMPILE_LIMIT)
+    layers = list(causal_lm(model).get_decoder().layers)
     before = [layer._compiled_call_impl for layer in layers]
     for layer in layers:
         if not isinstance(getattr(layer, "_tunebench_decode_step", None), DecodeStepLayer):

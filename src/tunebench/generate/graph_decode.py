@@ -13,8 +13,8 @@ Every layer gets a full-length static cache (a sliding-window layer too: its win
 the attention mask over absolute positions), so a step's work does not depend on how far the answer
 has got. Each new token's attention reads each key/value head once (decode_attention.py); with
 `compile`, the step's decoder layers are torch.compile'd (decode_compile.py), which fuses their
-many small kernels (the kernel count, not the weights, sets a small model's step time). Finished rows are dropped from the batch once few rows are left
-(`compact`). On CPU (tests; `cuda_graphs: true` without a GPU) the same step runs without a graph;
+many small kernels (the kernel count, not the weights, sets a small model's step time). Finished
+rows are dropped from the batch once few rows are left (`compact`). On CPU (tests; `cuda_graphs: true` without a GPU) the same step runs without a graph;
 greedy answers equal transformers' generate token for token (tests/generate/test_graph_decode.py).
 """
 
@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from tunebench.generate.decode_attention import decode_attention
 from tunebench.generate.decode_compile import compiled_decode_layers, eager_cache_update
+from tunebench.train.wrapped import causal_lm
 
 # One run at a time in a process: a run switches the shared model's attention and layer calls (serve
 # and the local judge already generate one request at a time).
@@ -59,8 +60,7 @@ def static_cache(model, length: int) -> Cache:
 def cache_argument(model) -> str:
     """The forward's name for the KV cache: `cache` from transformers 5.24 (`past_key_values`, its name
     on the GPU machines' 5.17, still works there but warns)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(type(causal_lm(model)).forward).parameters else "past_key_values"
 
 
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -98,11 +98,7 @@ def compile_layers(model, backend=None, fall_back: bool = False) -> int:
     wrapped in a CompiledLayer (work that must stay outside the graph, like offload's weight
     streaming, runs there). `fall_back` (train.compile: auto): the first compile failure turns every
     layer back to eager (EagerFallback)."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
-    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    raise_recompile_limit(RECOMPILE_LIMIT)
     start_clock()
     layers = decoder_layers(model)
     fallback = EagerFallback() if fall_back else None  # one for all the layers
@@ -110,6 +106,15 @@ def compile_layers(model, backend=None, fall_back: bool = False) -> int:
         layer.compile(backend=backend or BACKEND)
         CompiledLayer(layer, fallback)
     return len(layers)
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """Lets dynamo keep at least `limit` graphs per function (for the whole process)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+    setattr(config, name, max(getattr(config, name), limit))
 
 
 class CompiledLayer:
