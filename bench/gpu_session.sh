@@ -20,6 +20,10 @@
 #               compiled without vs eager, a profile)
 #   graphs_final  the same after the compiled layers stopped recompiling per layer (Gemma: real model only,
 #               a second process on the warm inductor cache, a profile of the decode step)
+#   host        one GPU each: what takes the host time out of a training step: inductor's C++ wrapper, no
+#               gradient checkpointing, inductor's CUDA graphs (Gemma 3 270M arch.: each with a 3-epoch run; 13B shape)
+#   levers      one GPU each, the defaults that came of 'host' (gradient_checkpointing auto, train.cuda_graphs)
+#               against TRL and without graphs, the memory-lean setting (checkpointing on), a 3-epoch run
 #   graphs      one GPU each: tunebench's captured decode loop (generate.cuda_graphs) against transformers'
 #               generate; GPU 0 Gemma 3 270M (random weights first, then the real model + LoRA once its GGUF
 #               pieces are here), GPU 1 the 4-bit llm-jp-3-13b shape answering the tasks
@@ -215,12 +219,79 @@ graphs_final_gemma() {  # GPU 0: the real Gemma 3 270M + LoRA (its GGUF pieces c
   step gd_profile 300 python3 bench/decode_profile.py --run /tmp/bench-speed/gemma-lora+compile=false-512
 }
 
+host() {  # issue 15's training bars, one GPU each: the host side of a step
+  CUDA_VISIBLE_DEVICES=0 host_gemma &
+  CUDA_VISIBLE_DEVICES=1 host_13b
+  wait
+}
+
+epochs3() {  # epochs3 NAME [ENV=VALUE ...] -- [--set ...]: the 3-epoch megagon run (course settings, random-weight Gemma)
+  local name=$1 envs=(); shift
+  while [ "$#" -gt 0 ] && [ "$1" != -- ]; do envs+=("$1"); shift; done
+  shift
+  step "$name" 400 env "${envs[@]}" python3 -m tunebench.cli train src/tunebench/presets/quickstart.yaml \
+    --set model.name_or_path=/tmp/gemma270m-random --set model.tokenizer=/tmp/gemma-tok \
+    --run-dir "/tmp/$name" --set train.method=lora --set train.max_steps=null --set train.num_train_epochs=3 \
+    --set train.per_device_train_batch_size=2 --set train.gradient_accumulation_steps=4 --set train.warmup_steps=10 \
+    --set train.logging_steps=10 --set train.save_steps=100000 --set data.max_seq_length=512 "$@"
+}
+
+host_gemma() {  # GPU 0: Gemma 3 270M architecture, random weights; checkpointing on (the default then) unless unset
+  local speed=(python3 bench/train_speed.py --model gemmarandom --method lora --steps 30 --results $S/train_speed.jsonl
+               --variant tunebench --set train.gradient_checkpointing=true)
+  local nockpt=(--set train.gradient_checkpointing=false)
+  step h_gemma_default 300 "${speed[@]}"
+  step h_gemma_cpp 500 env TORCHINDUCTOR_CPP_WRAPPER=1 "${speed[@]}" --tag cpp_wrapper
+  step h_gemma_nockpt 300 "${speed[@]}" "${nockpt[@]}"
+  step h_gemma_nockpt_graphs 400 env TORCHINDUCTOR_CUDAGRAPHS=1 "${speed[@]}" "${nockpt[@]}" --tag inductor_cudagraphs
+  step h_gemma_nockpt_cpp 500 env TORCHINDUCTOR_CPP_WRAPPER=1 "${speed[@]}" "${nockpt[@]}" --tag cpp_wrapper
+  step h_gemma_graphs 300 env TORCHINDUCTOR_CUDAGRAPHS=1 "${speed[@]}" --tag inductor_cudagraphs
+  step h_gemma_trl 300 python3 bench/train_speed.py --model gemmarandom --method lora --steps 30 \
+    --results $S/train_speed.jsonl --variant baseline
+  epochs3 epochs3-default -- --set train.gradient_checkpointing=true
+  epochs3 epochs3-nockpt-graphs TORCHINDUCTOR_CUDAGRAPHS=1 -- "${nockpt[@]}"
+  epochs3 epochs3-cpp TORCHINDUCTOR_CPP_WRAPPER=1 -- --set train.gradient_checkpointing=true
+  step h_gemma_profile_nockpt 300 python3 bench/step_profile.py --case gemmarandom-lora --label gemma-nockpt \
+    "${nockpt[@]}" --out-dir $S/profile
+}
+
+host_13b() {  # GPU 1: llm-jp-3-13b shape QLoRA
+  local speed=(python3 bench/train_speed.py --model llmjp13b --method qlora --steps 20 --results $S/train_speed.jsonl)
+  step h_13b_default 500 "${speed[@]}" --variant tunebench
+  step h_13b_cpp 500 env TORCHINDUCTOR_CPP_WRAPPER=1 "${speed[@]}" --variant tunebench --tag cpp_wrapper
+  step h_13b_trl 400 "${speed[@]}" --variant baseline
+}
+
+levers() {  # issue 15's training bars with the levers of 'host' as defaults, one GPU each
+  CUDA_VISIBLE_DEVICES=0 levers_gemma &
+  CUDA_VISIBLE_DEVICES=1 levers_13b
+  wait
+  python3 bench/train_speed.py --compare /tmp/bench-speed/gemmarandom-lora-512 \
+    /tmp/bench-speed/gemmarandom-lora+cuda_graphs=false-512 > $S/graphs_vs_compiled_losses.txt 2>&1
+}
+
+levers_gemma() {  # GPU 0: Gemma 3 270M architecture, random weights
+  local speed=(python3 bench/train_speed.py --model gemmarandom --method lora --steps 30 --results $S/train_speed.jsonl)
+  step l_gemma_trl 300 "${speed[@]}" --variant baseline
+  step l_gemma_default 300 "${speed[@]}" --variant tunebench
+  step l_gemma_nographs 300 "${speed[@]}" --variant tunebench --set train.cuda_graphs=false
+  step l_gemma_lean 300 "${speed[@]}" --variant tunebench --set train.gradient_checkpointing=true
+  epochs3 epochs3-defaults --
+}
+
+levers_13b() {  # GPU 1: llm-jp-3-13b shape QLoRA
+  local speed=(python3 bench/train_speed.py --model llmjp13b --method qlora --steps 20 --results $S/train_speed.jsonl)
+  step l_13b_trl 400 "${speed[@]}" --variant baseline
+  step l_13b_default 500 "${speed[@]}" --variant tunebench
+}
+
 collect() {
   local out=${OUT:-/tmp/out}
   mkdir -p "$out"
   cp -r $S/. "$out/" 2>/dev/null
-  for run in /tmp/bench-speed/*-512 /tmp/epochs3-compile; do
-    [ -f "$run/metrics.jsonl" ] && cp "$run/metrics.jsonl" "$out/metrics-$(basename "$run").jsonl"
+  for run in /tmp/bench-speed/*-512 /tmp/bench-speed/*/*-512 /tmp/epochs3-*; do
+    local name=${run#/tmp/bench-speed/}
+    [ -f "$run/metrics.jsonl" ] && cp "$run/metrics.jsonl" "$out/metrics-${name//\//_}.jsonl"
   done
   for log in /tmp/bench-multi-gpu/*.log; do [ -f "$log" ] && tail -40 "$log" > "$out/multi_gpu-$(basename "$log")"; done
   python3 bench/train_speed.py --table $S/train_speed.jsonl 2>/dev/null

@@ -165,6 +165,18 @@ def print_table(path: Path) -> None:
               f"{delta:>7}{r['mfu']:>6.1%}{str(r['grad_norm_finite']):>7}")
 
 
+def compare_losses(run: Path, other: Path) -> None:
+    """Per-step relative loss difference of two runs over the steps both logged (same data, same seed)."""
+    def losses(folder: Path) -> dict[int, float]:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+    a, b = losses(run), losses(other)
+    diffs = [abs(a[s] - b[s]) / abs(b[s]) for s in sorted(a.keys() & b.keys())]
+    print(f"{run.name} vs {other.name}: {len(diffs)} steps, loss within {100 * max(diffs):.3f}% "
+          f"(mean {100 * statistics.mean(diffs):.3f}%)")
+
+
 def speed_arguments(seq: int, results: Path) -> argparse.ArgumentParser:
     """The command line of a baseline-vs-tunebench benchmark (this one and dpo_speed.py)."""
     parser = argparse.ArgumentParser()
@@ -177,8 +189,12 @@ def speed_arguments(seq: int, results: Path) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="extra", action="append", default=[])
     parser.add_argument("--logit-slab-mib", type=int, default=None,
                         help="tunebench: the output layer's logits block (train/output_layer.py SLAB_ELEMENTS, 16 MiB)")
+    parser.add_argument("--tag", default="", help="tunebench: a name for what the environment changed "
+                        "(TORCHINDUCTOR_* variables): added to the variant and the run folder")
     parser.add_argument("--results", type=Path, default=results)
     parser.add_argument("--table", type=Path, help="print the table of a results file and stop")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("RUN", "OTHER_RUN"),
+                        help="print the per-step loss difference of two runs' metrics.jsonl and stop")
     return parser
 
 
@@ -186,6 +202,9 @@ def main() -> None:
     args = speed_arguments(seq=512, results=Path("/tmp/train_speed.jsonl")).parse_args()
     if args.table:
         print_table(args.table)
+        return
+    if args.compare:
+        compare_losses(*args.compare)
         return
     if args.model == "llmjp13b":
         build_random_13b(MODEL)
@@ -201,11 +220,13 @@ def main() -> None:
 
             output_layer.SLAB_ELEMENTS = args.logit_slab_mib * 2**20 // 4  # fp32 elements
             out = out / f"slab{args.logit_slab_mib}"
+        if args.tag:
+            out = out / args.tag
         r = run_case(f"{args.model}-{args.method}", args.steps, args.seq, out, args.extra)
         result = {key: r[key] for key in ("steps", "tokens_per_s", "peak_gib", "loss_first", "loss_last", "wall_s",
                                           "grad_norm_finite")}
         result["variant"] = "tunebench " + (" ".join(e.split(".")[-1] for e in args.extra) or "default") + (
-            f" slab={args.logit_slab_mib}MiB" if args.logit_slab_mib else "")
+            f" slab={args.logit_slab_mib}MiB" if args.logit_slab_mib else "") + (f" [{args.tag}]" if args.tag else "")
     result.update(model=args.model, method=args.method, seq=args.seq, matmul_tflops=peak,
                   mfu=6 * PARAMS[args.model] * result["tokens_per_s"] / (peak * 1e12),
                   device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"))

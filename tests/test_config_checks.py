@@ -133,4 +133,4 @@ def test_train_on_several_processes_is_checked_before_any_process_starts(monkeyp
     code = main(["train", "configs/quickstart.yaml", "--gpus", "2", "--set", "train.offload_frozen=true"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: configs/quickstart.yaml: 'train.offload_frozen': it works with "
-                                        "train.method qlora or lora, train.gradient_checkpointing: true, on one process")
+                                        "train.method qlora or lora, train.gradient_checkpointing true or auto, on one process")

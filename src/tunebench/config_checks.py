@@ -64,10 +64,11 @@ def answer_only_logits_refusal(method: str, sharded: bool = False) -> str | None
     return None
 
 
-def offload_refusal(method: str, checkpointing: bool, world: int) -> str | None:
-    """Why train.offload_frozen cannot run with these settings (None: it can)."""
-    if not get_method(method).lora or not checkpointing or world > 1:
-        return "it works with train.method qlora or lora, train.gradient_checkpointing: true, on one process"
+def offload_refusal(method: str, checkpointing: bool | str, world: int) -> str | None:
+    """Why train.offload_frozen cannot run with these settings (None: it can); checkpointing auto is on
+    whenever offload is asked for."""
+    if not get_method(method).lora or checkpointing is False or world > 1:
+        return "it works with train.method qlora or lora, train.gradient_checkpointing true or auto, on one process"
     return None
 
 
@@ -99,6 +100,10 @@ def combination_problems(config: Config, world_size: int) -> list[str]:
         problems.append(f"'train.offload_frozen': {why}; set it to false or leave it null")
     if t.compile is True and (why := compile_refusal(sharded)):
         problems.append(f"'train.compile': {why}; set train.compile to auto or false, or turn the other off")
+    if t.cuda_graphs is True and (t.gradient_checkpointing is True or t.offload_frozen or t.compile is False):
+        problems.append("'train.cuda_graphs': true needs train.compile on, train.gradient_checkpointing false (or "
+                        "auto) and train.offload_frozen off: a replayed layer cannot be called again before its "
+                        "backward, nor read weights moved to new memory")
     if config.generate.do_sample and config.generate.temperature == 0:
         problems.append("'generate.temperature' must be > 0 with generate.do_sample: true "
                         "(for greedy answers set do_sample: false)")

@@ -8,6 +8,7 @@ machine's shared cores (measured: inductor on CPU gives the same loss and gradie
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from tunebench.data.batches import join_examples, pad_batch
 from tunebench.errors import ConfigError
 from tunebench.runs import RunDir
 from tunebench.train import compile as compile_module
-from tunebench.train.compile import bucket_batch, compile_layers, use_compile
+from tunebench.train.compile import bucket_batch, compile_layers, compile_options, use_compile, use_graphs
 from tunebench.train.loss import token_loss_sum
 from tunebench.train.methods import make_trainable
 from tunebench.train.preference import pair_micro_batches, sequence_logps
@@ -312,4 +313,64 @@ def test_a_checkpoint_around_the_compiled_layer_ends_its_recompute_early_without
     assert not fallback.failed
     for mine, theirs in zip(layer.parameters(), eager.parameters()):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-6, atol=1e-7)
+
+
+
+def test_cuda_graphs_need_a_gpu_compiled_layers_no_checkpointing_and_no_offload():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_graphs("auto", cuda, True, checkpointing=False, offload=False, world=1, objective="sft") is True
+    assert use_graphs(True, cuda, True, False, False, world=2, objective="dpo") is True  # true insists
+    assert use_graphs("auto", cuda, True, False, False, world=2, objective="sft") is False  # not measured
+    assert use_graphs("auto", cuda, True, False, False, world=1, objective="dpo") is False
+    assert use_graphs(False, cuda, True, False, False, 1, "sft") is False
+    for device, compiled, checkpointing, offload, why in [
+            (cpu, True, False, False, "needs a CUDA GPU"), (cuda, False, False, False, "train.compile is off"),
+            (cuda, True, True, False, "gradient checkpointing calls each layer again"),
+            (cuda, True, False, True, "offload_frozen moves the layers' weights")]:
+        assert use_graphs("auto", device, compiled, checkpointing, offload, 1, "sft") is False
+        with pytest.raises(ConfigError, match=f"train.cuda_graphs: .*{why}"):
+            use_graphs(True, device, compiled, checkpointing, offload, 1, "sft")
+    with pytest.raises(ConfigError, match="'train.cuda_graphs': true needs"):
+        load_config(None, ["train.cuda_graphs=true", "train.gradient_checkpointing=true"])
+    assert load_config(None, ["train.cuda_graphs=true"]).train.cuda_graphs is True  # checkpointing auto
+
+
+def test_compile_options_reach_every_layer(monkeypatch):
+    """train.cuda_graphs becomes an inductor option of each layer's compile."""
+    model = lora_model(kind="gemma3")
+    seen, original = [], torch.nn.Module.compile
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("options"))
+        original(self, backend=BACKEND)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recording)
+    compile_layers(model, backend="inductor", options=compile_options(graphs=True))
+    assert seen == [{"triton.cudagraphs": True}] * 4
+    assert compile_options() is None
+
+
+def test_each_micro_batch_and_each_eval_tells_the_graphs_a_new_step_begins(tmp_path, tiny_model_dir, monkeypatch):
+    """With train.cuda_graphs the loop marks every forward as a new step (inductor's graphs would otherwise
+    take the last forward's outputs to be in use); without, it never does."""
+    import tunebench.train.setup as setup_module
+
+    monkeypatch.setattr(compile_module, "BACKEND", BACKEND)
+    monkeypatch.setattr(compile_module, "compile_options", lambda *_a: None)  # aot_eager takes no options
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    data = tmp_path / "memo.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"問{i}", "input": "", "output": f"答{i}です。"},
+                                       ensure_ascii=False) + "\n" for i in range(6)), encoding="utf-8")
+    overrides = [f"model.name_or_path={tiny_model_dir}", f"data.sources=[{{path: '{data}'}}]",
+                 "data.contamination_sets=[]", "data.eval_fraction=0.34", "train.per_device_train_batch_size=2",
+                 "train.gradient_accumulation_steps=2", "train.step_tokens=null", "train.max_steps=2",
+                 "train.method=lora", "train.compile=true"]
+    resolve = setup_module.resolve_levers
+    for graphs in (True, False):
+        monkeypatch.setattr(setup_module, "resolve_levers",
+                            lambda *a, graphs=graphs, **k: replace(resolve(*a, **k), cuda_graphs=graphs))
+        marks.clear()
+        train(load_config(None, overrides), RunDir(tmp_path / f"run-{graphs}"))
+        assert len(marks) == (2 * 2 + 1 if graphs else 0)  # 2 steps × 2 micro-batches, one eval at the end
 

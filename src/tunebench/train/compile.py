@@ -77,6 +77,44 @@ def use_compile(setting: bool | str, device: torch.device | None, sharded: bool,
     return device is not None and device.type == "cuda"
 
 
+def use_graphs(setting: bool | str, device: torch.device | None, compiled: bool, checkpointing: bool,
+               offload: bool, world: int, objective: str) -> bool:
+    """Resolve train.cuda_graphs: the compiled layers replayed as CUDA graphs (inductor's cudagraph trees).
+
+    A replayed layer writes its outputs into memory the next replay reuses, so nothing may call a layer
+    again before its backward has run: gradient checkpointing does (its recompute), and offload points
+    the weights at new memory each step. auto: on where it can run, on one process with objective sft
+    (several processes and the preference objectives' reference passes are not measured yet)."""
+    if setting is False:
+        return False
+    why = graphs_refusal(device, compiled, checkpointing, offload)
+    if why and setting is True:
+        raise ConfigError(f"train.cuda_graphs: {why}; set it to auto or false")
+    if why or (setting == "auto" and (world > 1 or objective != "sft")):
+        return False
+    return True
+
+
+def graphs_refusal(device: torch.device | None, compiled: bool, checkpointing: bool, offload: bool) -> str | None:
+    """Why the compiled layers cannot be replayed as CUDA graphs (None: they can)."""
+    if device is None or device.type != "cuda":
+        return "it needs a CUDA GPU"
+    if not compiled:
+        return "it replays the compiled layers, and train.compile is off"
+    if checkpointing:
+        return ("gradient checkpointing calls each layer again inside its backward, which overwrites the "
+                "replayed graph's outputs (set train.gradient_checkpointing to false, or auto where it fits)")
+    if offload:
+        return "offload_frozen moves the layers' weights to new memory every step (set it to false)"
+    return None
+
+
+def graph_step_begin(on: bool) -> None:
+    """Tell inductor's CUDA graphs that a new forward starts (the last one's outputs are done with)."""
+    if on:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def cpp_compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
 
@@ -90,20 +128,25 @@ def decoder_layers(model) -> nn.ModuleList:
     return layers
 
 
-def compile_layers(model, backend=None, fall_back: bool = False) -> int:
+def compile_options(graphs: bool = False) -> dict | None:
+    """Inductor options of the compiled layers: replayed as CUDA graphs (train.cuda_graphs)."""
+    return {"triton.cudagraphs": True} if graphs else None
+
+
+def compile_layers(model, backend=None, fall_back: bool = False, options: dict | None = None) -> int:
     """Compile every decoder layer of `model` in place (module.compile); returns how many.
 
     In place, so the model's structure, parameter names, hooks of checkpointing and the saved
     adapter are unchanged, and DDP can wrap the model afterwards. Each layer's compiled call is
     wrapped in a CompiledLayer (work that must stay outside the graph, like offload's weight
     streaming, runs there). `fall_back` (train.compile: auto): the first compile failure turns every
-    layer back to eager (EagerFallback)."""
+    layer back to eager (EagerFallback). `options`: inductor's (compile_options); other backends take none."""
     raise_recompile_limit(RECOMPILE_LIMIT)
     start_clock()
     layers = decoder_layers(model)
     fallback = EagerFallback() if fall_back else None  # one for all the layers
     for layer in layers:
-        layer.compile(backend=backend or BACKEND)
+        layer.compile(backend=backend or BACKEND, **({"options": options} if options else {}))
         CompiledLayer(layer, fallback)
     return len(layers)
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from tunebench.config import Config, TrainConfig
 from tunebench.runs import RunDir, append_jsonl
 from tunebench.train.checkpoint import optimizer_state, save_checkpoint, trainable_state
-from tunebench.train.compile import bucket_batch, compile_seconds, retry_step
+from tunebench.train.compile import bucket_batch, compile_seconds, graph_step_begin, retry_step
 from tunebench.train.distributed import Dist
 from tunebench.train.loss import evaluate
 from tunebench.train.methods import get_method
@@ -147,6 +147,7 @@ def train_step(state: TrainState, objective: Objective, step_batches: list[list[
         if t.compile:  # a bounded set of lengths for the compiled layers (train/compile.py)
             batch = bucket_batch(batch, state.tokenizer.pad_token_id)
         batch = {key: v.to(state.device) for key, v in batch.items()}
+        graph_step_begin(t.cuda_graphs)
         with dist.no_sync(model, last=k == len(micro) - 1):
             with state.autocast():
                 loss_sum, stats = objective.loss(model, batch, t.answer_only_logits)
@@ -202,6 +203,7 @@ def postfix(record: dict) -> dict[str, str]:
 
 
 def eval_loss(state: TrainState) -> float:
+    graph_step_begin(state.train.cuda_graphs)
     return evaluate(state.dist.unwrap(state.model), state.eval_rows, state.train.per_device_train_batch_size,
                     state.tokenizer.pad_token_id, state.device, state.autocast)
 

@@ -71,14 +71,14 @@ def make_trainable(model, train: TrainConfig, adapter=None):
     # Frozen-weight offload needs the re-entrant form (see train/offload.py); otherwise the
     # non-re-entrant one, which needs no inputs that require grad.
     checkpointing = {"use_reentrant": train.offload_frozen}
+    recompute = train.gradient_checkpointing is not False  # auto is resolved in setup; unresolved, it is on
     if method.quantized and train.kbit_upcast:
         # peft's recipe: casts every non-quantised weight (embeddings and lm_head too) to fp32.
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=train.gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing)
-    elif train.gradient_checkpointing and not method.virtual_tokens:
+            model, use_gradient_checkpointing=recompute, gradient_checkpointing_kwargs=checkpointing)
+    elif recompute and not method.virtual_tokens:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-    if train.gradient_checkpointing and checkpointing["use_reentrant"]:
+    if recompute and checkpointing["use_reentrant"]:
         model.enable_input_require_grads()  # re-entrant checkpoints pass gradients only to inputs that need them
     config = peft_config(train)
     if adapter is not None and config is not None:

@@ -28,6 +28,7 @@ from torch import nn
 from tunebench.config_checks import offload_refusal
 from tunebench.errors import ConfigError
 from tunebench.train.compile import compiled_layer
+from tunebench.train.wrapped import causal_lm
 
 ALIGN = 256  # bytes; every tensor's view starts aligned within its layer's buffer
 
@@ -213,7 +214,7 @@ def use_offload(setting: bool | None, model, method: str, checkpointing: bool, d
 
 def enable_offload(model, device: torch.device) -> FrozenWeightOffload:
     """Offload a trainable (peft-wrapped) model's frozen decoder weights; see the module docstring."""
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = causal_lm(model)
     layers = getattr(causal.get_decoder(), "layers", None)
     if not isinstance(layers, nn.ModuleList) or not layers:
         raise ConfigError(f"train.offload_frozen: {type(causal).__name__} has no decoder `layers` list to stream")

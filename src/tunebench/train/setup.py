@@ -21,7 +21,8 @@ from tunebench.models.load import load_base_model
 from tunebench.models.trained import find_trained
 from tunebench.runs import DATA_SUMMARY, TRAINED_META, RunDir, read_jsonl
 from tunebench.train.checkpoint import latest_checkpoint, load_checkpoint
-from tunebench.train.compile import compile_layers, use_compile
+from tunebench.train.checkpointing import micro_batch_tokens, use_checkpointing
+from tunebench.train.compile import compile_layers, compile_options, use_compile, use_graphs
 from tunebench.train.distributed import Dist
 from tunebench.train.loop import TrainState
 from tunebench.train.loss import use_answer_only_logits
@@ -51,14 +52,20 @@ def autocast_for(dtype: torch.dtype) -> Callable:
             else contextlib.nullcontext)
 
 
-def resolve_levers(t: TrainConfig, model, device: torch.device, world: int, sharded: bool = False) -> TrainConfig:
+def resolve_levers(t: TrainConfig, model, device: torch.device, world: int, sharded: bool = False,
+                   max_seq_length: int = 1024) -> TrainConfig:
     """The automatic levers, decided once for this model and machine (recorded in the log)."""
+    tokens = micro_batch_tokens(t.step_tokens, t.per_device_train_batch_size, max_seq_length, t.objective != "sft")
     t = replace(t, answer_only_logits=use_answer_only_logits(t.answer_only_logits, model, t.method, sharded),
-                compile=use_compile(t.compile, device, sharded, t.use_dora, get_method(t.method).virtual_tokens))
+                compile=use_compile(t.compile, device, sharded, t.use_dora, get_method(t.method).virtual_tokens),
+                gradient_checkpointing=use_checkpointing(t.gradient_checkpointing, model, device, tokens,
+                                                         t.offload_frozen, world))
     t = replace(t, offload_frozen=use_offload(t.offload_frozen, model, t.method, t.gradient_checkpointing, device,
                                               world, compiled=t.compile))
-    log.info("answer_only_logits: %s, offload_frozen: %s, compile: %s", t.answer_only_logits, t.offload_frozen,
-             t.compile)
+    t = replace(t, cuda_graphs=use_graphs(t.cuda_graphs, device, t.compile, t.gradient_checkpointing,
+                                          t.offload_frozen, world, t.objective))
+    log.info("answer_only_logits: %s, gradient_checkpointing: %s, offload_frozen: %s, compile: %s, cuda_graphs: %s",
+             t.answer_only_logits, t.gradient_checkpointing, t.offload_frozen, t.compile, t.cuda_graphs)
     return t
 
 
@@ -112,11 +119,13 @@ def load_model(config: Config, dist: Dist, device: torch.device, dtype: torch.dt
         from peft import PeftModel
 
         model, adapter = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), None
-    t = resolve_levers(t, model, device, dist.world, dist.sharded)
+    t = resolve_levers(t, model, device, dist.world, dist.sharded, config.data.max_seq_length)
     model = make_trainable(model, t, adapter)
     if t.compile:  # in place, before DDP wraps the model (train/compile.py)
-        log.info("compile: %d decoder layers (compiled at their first use)",
-                 compile_layers(model, fall_back=config.train.compile == "auto"))
+        options = compile_options(t.cuda_graphs)
+        log.info("compile: %d decoder layers (compiled at their first use%s)",
+                 compile_layers(model, fall_back=config.train.compile == "auto", options=options),
+                 ", replayed as CUDA graphs" if t.cuda_graphs else "")
     model = dist.wrap(model)
     if t.offload_frozen:
         offload = enable_offload(model, device)

@@ -23,13 +23,15 @@ import logging
 import torch
 from torch import nn
 
+from tunebench.train.wrapped import causal_lm
+
 log = logging.getLogger(__name__)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one: modules of the classes transformers lists as never to be
     split across devices (`_no_split_modules`: LlamaDecoderLayer, Gemma3DecoderLayer, ...)."""
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = causal_lm(model)
     names = set(getattr(causal, "_no_split_modules", None) or [])
     layers = [module for module in causal.modules() if type(module).__name__ in names]
     if not layers:
@@ -75,7 +77,7 @@ PROBE_TOKENS = 16
 @torch.no_grad()
 def probe_logits(model: nn.Module, device: torch.device) -> torch.Tensor:
     """Logits of a fixed short input (eval mode: no dropout), the same on every process."""
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = causal_lm(model)
     ids = torch.arange(1, PROBE_TOKENS + 1, device=device).unsqueeze(0) % causal.config.vocab_size
     was_training = model.training
     model.eval()
