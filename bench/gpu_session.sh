@@ -24,6 +24,8 @@
 #               gradient checkpointing, inductor's CUDA graphs (Gemma 3 270M arch.: each with a 3-epoch run; 13B shape)
 #   levers      one GPU each, the defaults that came of 'host' (gradient_checkpointing auto, train.cuda_graphs)
 #               against TRL and without graphs, the memory-lean setting (checkpointing on), a 3-epoch run
+#   dequant     the 13B shape QLoRA (GPU 1; GPU 0 the same on its own copy): defaults against train.compile_dequant
+#               (4-bit weights dequantized by torch ops inside the compiled layers) and TRL, a profile of each
 #   graphs      one GPU each: tunebench's captured decode loop (generate.cuda_graphs) against transformers'
 #               generate; GPU 0 Gemma 3 270M (random weights first, then the real model + LoRA once its GGUF
 #               pieces are here), GPU 1 the 4-bit llm-jp-3-13b shape answering the tasks
@@ -283,6 +285,17 @@ levers_13b() {  # GPU 1: llm-jp-3-13b shape QLoRA
   local speed=(python3 bench/train_speed.py --model llmjp13b --method qlora --steps 20 --results $S/train_speed.jsonl)
   step l_13b_trl 400 "${speed[@]}" --variant baseline
   step l_13b_default 500 "${speed[@]}" --variant tunebench
+}
+
+dequant() {  # issue 15's 13B bar: bitsandbytes' per-matmul host calls replaced by traced dequantisation
+  local speed=(python3 bench/train_speed.py --model llmjp13b --method qlora --steps 20 --results $S/train_speed.jsonl)
+  CUDA_VISIBLE_DEVICES=1 step dq_13b_trl 400 "${speed[@]}" --variant baseline &
+  CUDA_VISIBLE_DEVICES=0 step dq_13b_dequant 500 "${speed[@]}" --variant tunebench --set train.compile_dequant=true
+  wait
+  CUDA_VISIBLE_DEVICES=1 step dq_13b_default 500 "${speed[@]}" --variant tunebench &
+  CUDA_VISIBLE_DEVICES=0 step dq_13b_profile 300 python3 bench/step_profile.py --case llmjp13b-qlora \
+    --label 13b-compile-dequant --steps 10 --count 2 --set train.compile_dequant=true --out-dir $S/profile
+  wait
 }
 
 collect() {

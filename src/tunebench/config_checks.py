@@ -104,6 +104,8 @@ def combination_problems(config: Config, world_size: int) -> list[str]:
         problems.append("'train.cuda_graphs': true needs train.compile on, train.gradient_checkpointing false (or "
                         "auto) and train.offload_frozen off: a replayed layer cannot be called again before its "
                         "backward, nor read weights moved to new memory")
+    if t.compile_dequant and not get_method(t.method).quantized:
+        problems.append(f"'train.compile_dequant' applies to qlora's 4-bit base weights, not train.method {t.method}")
     if config.generate.do_sample and config.generate.temperature == 0:
         problems.append("'generate.temperature' must be > 0 with generate.do_sample: true "
                         "(for greedy answers set do_sample: false)")

@@ -23,6 +23,7 @@ from tunebench.runs import DATA_SUMMARY, TRAINED_META, RunDir, read_jsonl
 from tunebench.train.checkpoint import latest_checkpoint, load_checkpoint
 from tunebench.train.checkpointing import micro_batch_tokens, use_checkpointing
 from tunebench.train.compile import compile_layers, compile_options, use_compile, use_graphs
+from tunebench.train.dequant import use_torch_dequant
 from tunebench.train.distributed import Dist
 from tunebench.train.loop import TrainState
 from tunebench.train.loss import use_answer_only_logits
@@ -121,6 +122,8 @@ def load_model(config: Config, dist: Dist, device: torch.device, dtype: torch.dt
         model, adapter = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), None
     t = resolve_levers(t, model, device, dist.world, dist.sharded, config.data.max_seq_length)
     model = make_trainable(model, t, adapter)
+    if t.compile_dequant:  # 4-bit weights dequantized by torch ops the compiled layers trace (train/dequant.py)
+        log.info("compile_dequant: %d 4-bit linear layers dequantize with torch ops", use_torch_dequant(model))
     if t.compile:  # in place, before DDP wraps the model (train/compile.py)
         options = compile_options(t.cuda_graphs)
         log.info("compile: %d decoder layers (compiled at their first use%s)",
