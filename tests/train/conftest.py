@@ -1,6 +1,8 @@
-"""Fixtures of the multi-process tests."""
+"""Fixtures of the multi-process tests, and dynamo reset around the compile tests."""
 
 import pytest
+import torch
+from torch._dynamo.utils import counters
 
 from tests.train.multiprocess import write_config
 from tunebench.cli import main
@@ -14,3 +16,12 @@ def lora_reference(tmp_path_factory, tiny_model_dir):
     run = folder / "run"
     assert main(["train", str(write_config(folder, tiny_model_dir, 2)), "--run-dir", str(run)]) == 0
     return run
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and counters cleared before and after a test that compiles (graph counts, graph breaks)."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

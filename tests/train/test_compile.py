@@ -30,12 +30,7 @@ from tunebench.train.sft import train
 BACKEND = "aot_eager"
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def lora_model(model_dir=None, kind="tiny", dora=False):

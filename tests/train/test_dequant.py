@@ -13,12 +13,7 @@ bnb = pytest.importorskip("bitsandbytes")
 functional = pytest.importorskip("bitsandbytes.functional")
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
