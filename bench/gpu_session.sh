@@ -37,6 +37,9 @@ export PYTHONPATH=/tmp/site:src TUNEBENCH_CACHE=${TUNEBENCH_CACHE:-/tmp/tbcache}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 S=/tmp/session
 mkdir -p $S
+# train_speed.py at the course settings: Gemma 3 270M's architecture (random weights) and the 13B shape
+GEMMA_SPEED=(python3 bench/train_speed.py --model gemmarandom --method lora --steps 30 --results $S/train_speed.jsonl)
+LLMJP_SPEED=(python3 bench/train_speed.py --model llmjp13b --method qlora --steps 20 --results $S/train_speed.jsonl)
 
 step() {  # step NAME TIMEOUT COMMAND...: run, log to $S/NAME.log, note the outcome in $S/done.txt
   local name=$1 limit=$2; shift 2
@@ -138,7 +141,7 @@ compiled_offload() {  # issue 15, one GPU each: compiled layers with frozen-weig
 }
 
 compiled_offload_gemma() {  # GPU 0: Gemma 3 270M architecture, random weights
-  local speed=(python3 bench/train_speed.py --model gemmarandom --method lora --steps 30 --results $S/train_speed.jsonl)
+  local speed=("${GEMMA_SPEED[@]}")
   step ci_gemma_trl 300 "${speed[@]}" --variant baseline
   step ci_gemma_default 300 "${speed[@]}" --variant tunebench
   step ci_gemma_eager 300 "${speed[@]}" --variant tunebench --set train.compile=false
@@ -156,7 +159,7 @@ compiled_offload_gemma() {  # GPU 0: Gemma 3 270M architecture, random weights
 }
 
 compiled_offload_13b() {  # GPU 1: llm-jp-3-13b shape QLoRA
-  local speed=(python3 bench/train_speed.py --model llmjp13b --method qlora --steps 20 --results $S/train_speed.jsonl)
+  local speed=("${LLMJP_SPEED[@]}")
   step ci_13b_trl 400 "${speed[@]}" --variant baseline
   step ci_13b_default 400 "${speed[@]}" --variant tunebench
   step ci_13b_no_offload 400 "${speed[@]}" --variant tunebench --set train.offload_frozen=false
@@ -239,8 +242,7 @@ epochs3() {  # epochs3 NAME [ENV=VALUE ...] -- [--set ...]: the 3-epoch megagon 
 }
 
 host_gemma() {  # GPU 0: Gemma 3 270M architecture, random weights; checkpointing on (the default then) unless unset
-  local speed=(python3 bench/train_speed.py --model gemmarandom --method lora --steps 30 --results $S/train_speed.jsonl
-               --variant tunebench --set train.gradient_checkpointing=true)
+  local speed=("${GEMMA_SPEED[@]}" --variant tunebench --set train.gradient_checkpointing=true)
   local nockpt=(--set train.gradient_checkpointing=false)
   step h_gemma_default 300 "${speed[@]}"
   step h_gemma_cpp 500 env TORCHINDUCTOR_CPP_WRAPPER=1 "${speed[@]}" --tag cpp_wrapper
@@ -248,8 +250,7 @@ host_gemma() {  # GPU 0: Gemma 3 270M architecture, random weights; checkpointin
   step h_gemma_nockpt_graphs 400 env TORCHINDUCTOR_CUDAGRAPHS=1 "${speed[@]}" "${nockpt[@]}" --tag inductor_cudagraphs
   step h_gemma_nockpt_cpp 500 env TORCHINDUCTOR_CPP_WRAPPER=1 "${speed[@]}" "${nockpt[@]}" --tag cpp_wrapper
   step h_gemma_graphs 300 env TORCHINDUCTOR_CUDAGRAPHS=1 "${speed[@]}" --tag inductor_cudagraphs
-  step h_gemma_trl 300 python3 bench/train_speed.py --model gemmarandom --method lora --steps 30 \
-    --results $S/train_speed.jsonl --variant baseline
+  step h_gemma_trl 300 "${GEMMA_SPEED[@]}" --variant baseline
   epochs3 epochs3-default -- --set train.gradient_checkpointing=true
   epochs3 epochs3-nockpt-graphs TORCHINDUCTOR_CUDAGRAPHS=1 -- "${nockpt[@]}"
   epochs3 epochs3-cpp TORCHINDUCTOR_CPP_WRAPPER=1 -- --set train.gradient_checkpointing=true
@@ -258,7 +259,7 @@ host_gemma() {  # GPU 0: Gemma 3 270M architecture, random weights; checkpointin
 }
 
 host_13b() {  # GPU 1: llm-jp-3-13b shape QLoRA
-  local speed=(python3 bench/train_speed.py --model llmjp13b --method qlora --steps 20 --results $S/train_speed.jsonl)
+  local speed=("${LLMJP_SPEED[@]}")
   step h_13b_default 500 "${speed[@]}" --variant tunebench
   step h_13b_cpp 500 env TORCHINDUCTOR_CPP_WRAPPER=1 "${speed[@]}" --variant tunebench --tag cpp_wrapper
   step h_13b_trl 400 "${speed[@]}" --variant baseline
@@ -273,7 +274,7 @@ levers() {  # issue 15's training bars with the levers of 'host' as defaults, on
 }
 
 levers_gemma() {  # GPU 0: Gemma 3 270M architecture, random weights
-  local speed=(python3 bench/train_speed.py --model gemmarandom --method lora --steps 30 --results $S/train_speed.jsonl)
+  local speed=("${GEMMA_SPEED[@]}")
   step l_gemma_trl 300 "${speed[@]}" --variant baseline
   step l_gemma_default 300 "${speed[@]}" --variant tunebench
   step l_gemma_nographs 300 "${speed[@]}" --variant tunebench --set train.cuda_graphs=false
@@ -282,13 +283,13 @@ levers_gemma() {  # GPU 0: Gemma 3 270M architecture, random weights
 }
 
 levers_13b() {  # GPU 1: llm-jp-3-13b shape QLoRA
-  local speed=(python3 bench/train_speed.py --model llmjp13b --method qlora --steps 20 --results $S/train_speed.jsonl)
+  local speed=("${LLMJP_SPEED[@]}")
   step l_13b_trl 400 "${speed[@]}" --variant baseline
   step l_13b_default 500 "${speed[@]}" --variant tunebench
 }
 
 dequant() {  # issue 15's 13B bar: bitsandbytes' per-matmul host calls replaced by traced dequantisation
-  local speed=(python3 bench/train_speed.py --model llmjp13b --method qlora --steps 20 --results $S/train_speed.jsonl)
+  local speed=("${LLMJP_SPEED[@]}")
   CUDA_VISIBLE_DEVICES=1 step dq_13b_trl 400 "${speed[@]}" --variant baseline &
   CUDA_VISIBLE_DEVICES=0 step dq_13b_dequant 500 "${speed[@]}" --variant tunebench --set train.compile_dequant=true
   wait

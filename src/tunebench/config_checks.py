@@ -81,6 +81,20 @@ def compile_refusal(sharded: bool) -> str | None:
     return None
 
 
+def graphs_refusal(compiled: bool, checkpointing: bool, offload: bool) -> str | None:
+    """Why the compiled layers cannot be replayed as CUDA graphs (train.cuda_graphs; None: they can). A
+    replayed layer writes its outputs where its next replay writes, so nothing may call it again before its
+    backward, nor move the weights it reads."""
+    if not compiled:
+        return "it replays the compiled layers, and train.compile is off"
+    if checkpointing:
+        return ("gradient checkpointing calls each layer again inside its backward, which overwrites the "
+                "replayed graph's outputs (set train.gradient_checkpointing to false, or auto where it fits)")
+    if offload:
+        return "offload_frozen moves the layers' weights to new memory every step (set it to false)"
+    return None
+
+
 def combination_problems(config: Config, world_size: int) -> list[str]:
     """Settings that are each valid but cannot work together."""
     t, problems = config.train, []
@@ -100,10 +114,10 @@ def combination_problems(config: Config, world_size: int) -> list[str]:
         problems.append(f"'train.offload_frozen': {why}; set it to false or leave it null")
     if t.compile is True and (why := compile_refusal(sharded)):
         problems.append(f"'train.compile': {why}; set train.compile to auto or false, or turn the other off")
-    if t.cuda_graphs is True and (t.gradient_checkpointing is True or t.offload_frozen or t.compile is False):
-        problems.append("'train.cuda_graphs': true needs train.compile on, train.gradient_checkpointing false (or "
-                        "auto) and train.offload_frozen off: a replayed layer cannot be called again before its "
-                        "backward, nor read weights moved to new memory")
+    if t.cuda_graphs is True and (why := graphs_refusal(t.compile is not False, t.gradient_checkpointing is True,
+                                                        bool(t.offload_frozen))):
+        problems.append(f"'train.cuda_graphs': true needs train.compile on, train.gradient_checkpointing false (or "
+                        f"auto) and train.offload_frozen off: {why}")
     if t.compile_dequant and not get_method(t.method).quantized:
         problems.append(f"'train.compile_dequant' applies to qlora's 4-bit base weights, not train.method {t.method}")
     if config.generate.do_sample and config.generate.temperature == 0:

@@ -14,8 +14,9 @@ the attention mask over absolute positions), so a step's work does not depend on
 has got. Each new token's attention reads each key/value head once (decode_attention.py); with
 `compile`, the step's decoder layers are torch.compile'd (decode_compile.py), which fuses their
 many small kernels (the kernel count, not the weights, sets a small model's step time). Finished
-rows are dropped from the batch once few rows are left (`compact`). On CPU (tests; `cuda_graphs: true` without a GPU) the same step runs without a graph;
-greedy answers equal transformers' generate token for token (tests/generate/test_graph_decode.py).
+rows are dropped from the batch once few rows are left (`compact`). On CPU (tests; `cuda_graphs: true`
+without a GPU) the same step runs without a graph; greedy answers equal transformers' generate token
+for token (tests/generate/test_graph_decode.py).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def use_checkpointing(setting: bool | str, model, device: torch.device | None, t
     """Resolve train.gradient_checkpointing: true and false are kept; auto as in the module docstring."""
     if setting != "auto":
         return bool(setting)
-    if offload or device is None or device.type != "cuda" or world > 1 or model is None:
+    if offload or device is None or device.type != "cuda" or world > 1:
         return True
     need = activation_bytes(model.config, tokens)
     total = torch.cuda.get_device_properties(device).total_memory

@@ -36,7 +36,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from tunebench.config_checks import compile_refusal
+from tunebench.config_checks import compile_refusal, graphs_refusal
 from tunebench.data.tokens import IGNORE
 from tunebench.errors import ConfigError, failure_reason
 from tunebench.train.wrapped import causal_lm
@@ -87,26 +87,13 @@ def use_graphs(setting: bool | str, device: torch.device | None, compiled: bool,
     (several processes and the preference objectives' reference passes are not measured yet)."""
     if setting is False:
         return False
-    why = graphs_refusal(device, compiled, checkpointing, offload)
+    cuda = device is not None and device.type == "cuda"
+    why = graphs_refusal(compiled, checkpointing, offload) if cuda else "it needs a CUDA GPU"
     if why and setting is True:
         raise ConfigError(f"train.cuda_graphs: {why}; set it to auto or false")
     if why or (setting == "auto" and (world > 1 or objective != "sft")):
         return False
     return True
-
-
-def graphs_refusal(device: torch.device | None, compiled: bool, checkpointing: bool, offload: bool) -> str | None:
-    """Why the compiled layers cannot be replayed as CUDA graphs (None: they can)."""
-    if device is None or device.type != "cuda":
-        return "it needs a CUDA GPU"
-    if not compiled:
-        return "it replays the compiled layers, and train.compile is off"
-    if checkpointing:
-        return ("gradient checkpointing calls each layer again inside its backward, which overwrites the "
-                "replayed graph's outputs (set train.gradient_checkpointing to false, or auto where it fits)")
-    if offload:
-        return "offload_frozen moves the layers' weights to new memory every step (set it to false)"
-    return None
 
 
 def graph_step_begin(on: bool) -> None:

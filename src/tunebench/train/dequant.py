@@ -14,6 +14,7 @@ The backward dequantises again instead of keeping the bf16 weight, as bitsandbyt
 
 from __future__ import annotations
 
+import math
 import types
 
 import torch
@@ -25,10 +26,10 @@ from tunebench.errors import ConfigError
 def parts(state) -> tuple:
     """A bitsandbytes QuantState as the tensors and numbers dequantize_4bit reads (a flat tuple, so the
     compiled layer traces through them with no Python object in between)."""
-    inner = state.state2 if getattr(state, "nested", False) else None
-    return (state.code, state.absmax, state.blocksize, tuple(state.shape), state.dtype,
-            None if inner is None else inner.code, None if inner is None else inner.absmax,
-            None if inner is None else inner.blocksize, None if inner is None else state.offset)
+    nested = (None,) * 4
+    if getattr(state, "nested", False):
+        nested = (state.state2.code, state.state2.absmax, state.state2.blocksize, state.offset)
+    return (state.code, state.absmax, state.blocksize, tuple(state.shape), state.dtype, *nested)
 
 
 def dequantize_4bit(packed, code, absmax, blocksize, shape, dtype, code2=None, absmax2=None, blocksize2=None,
@@ -38,11 +39,9 @@ def dequantize_4bit(packed, code, absmax, blocksize, shape, dtype, code2=None, a
     if code2 is not None:
         index = torch.arange(absmax.numel(), device=absmax.device) // blocksize2
         absmax = code2[absmax.long()] * absmax2[index] + offset
-    flat = packed.flatten() if packed.dtype == torch.uint8 else packed.flatten().view(torch.uint8)  # bf16 storage
+    flat = packed.flatten().view(torch.uint8)  # bytes stored as bf16 (sharded qlora) read as bytes
     nibbles = torch.stack([flat >> 4, flat & 0x0F], dim=1).flatten().long()
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     block = torch.arange(count, device=packed.device) // blocksize
     values = code.float()[nibbles[:count]] * absmax.float()[block]
     return values.to(dtype).view(shape)
