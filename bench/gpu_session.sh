@@ -26,6 +26,8 @@
 #               against TRL and without graphs, the memory-lean setting (checkpointing on), a 3-epoch run
 #   dequant     the 13B shape QLoRA (GPU 1; GPU 0 the same on its own copy): defaults against train.compile_dequant
 #               (4-bit weights dequantized by torch ops inside the compiled layers) and TRL, a profile of each
+#   dequant_ab  the same, paired: compile_dequant beside TRL, beside the defaults, and with inductor's asserts off
+#   qlora_defaults  the 13B shape with nothing set beside TRL, twice (GPUs swapped)
 #   graphs      one GPU each: tunebench's captured decode loop (generate.cuda_graphs) against transformers'
 #               generate; GPU 0 Gemma 3 270M (random weights first, then the real model + LoRA once its GGUF
 #               pieces are here), GPU 1 the 4-bit llm-jp-3-13b shape answering the tasks
@@ -296,6 +298,30 @@ dequant() {  # issue 15's 13B bar: bitsandbytes' per-matmul host calls replaced 
   CUDA_VISIBLE_DEVICES=1 step dq_13b_default 500 "${speed[@]}" --variant tunebench &
   CUDA_VISIBLE_DEVICES=0 step dq_13b_profile 300 python3 bench/step_profile.py --case llmjp13b-qlora \
     --label 13b-compile-dequant --steps 10 --count 2 --set train.compile_dequant=true --out-dir $S/profile
+  wait
+}
+
+dequant_ab() {  # the same again, paired: candidate beside TRL (GPUs swapped), then beside the defaults
+  local speed=("${LLMJP_SPEED[@]}") dq=(--variant tunebench --set train.compile_dequant=true)
+  CUDA_VISIBLE_DEVICES=0 step ab_13b_trl 400 "${speed[@]}" --variant baseline &
+  CUDA_VISIBLE_DEVICES=1 step ab_13b_dequant 500 "${speed[@]}" "${dq[@]}"
+  wait
+  CUDA_VISIBLE_DEVICES=0 step ab_13b_default 500 "${speed[@]}" --variant tunebench &
+  CUDA_VISIBLE_DEVICES=1 step ab_13b_dequant2 500 "${speed[@]}" "${dq[@]}"
+  wait
+  CUDA_VISIBLE_DEVICES=1 step ab_13b_trl2 400 "${speed[@]}" --variant baseline &
+  TORCHINDUCTOR_SIZE_ASSERTS=0 TORCHINDUCTOR_ALIGNMENT_ASSERTS=0 CUDA_VISIBLE_DEVICES=0 \
+    step ab_13b_dequant_noasserts 500 "${speed[@]}" "${dq[@]}" --tag noasserts
+  wait
+}
+
+qlora_defaults() {  # the 13B shape with nothing set (compile_dequant auto) beside TRL, then the GPUs swapped
+  local speed=("${LLMJP_SPEED[@]}")
+  CUDA_VISIBLE_DEVICES=1 step qd_13b_trl 400 "${speed[@]}" --variant baseline &
+  CUDA_VISIBLE_DEVICES=0 step qd_13b_default 500 "${speed[@]}" --variant tunebench
+  wait
+  CUDA_VISIBLE_DEVICES=0 step qd_13b_trl2 400 "${speed[@]}" --variant baseline &
+  CUDA_VISIBLE_DEVICES=1 step qd_13b_default2 500 "${speed[@]}" --variant tunebench
   wait
 }
 

@@ -30,6 +30,7 @@ def worker(config: str, run_dir: str, out_dir: Path, label: str, first: int, cou
     """Run `tunebench train` in this process with train_step wrapped: timed every step, profiled in
     [first, first + count)."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     import tunebench.train.loop as loop
@@ -57,7 +58,10 @@ def worker(config: str, run_dir: str, out_dir: Path, label: str, first: int, cou
             profiler.stop()
             averages = profiler.key_averages()
             cpu_total = sum(e.self_cpu_time_total for e in averages) / 1e3 / count
-            gpu_total = sum(getattr(e, "self_device_time_total", 0) for e in averages) / 1e3 / count
+            # kernels only: an op's self device time is its kernels' time again (the profiler's own total
+            # counts device events alone; summing every row counted each kernel twice before 2026-11-26)
+            gpu_total = sum(e.self_device_time_total for e in averages
+                            if e.device_type != DeviceType.CPU and not e.is_user_annotation) / 1e3 / count
             text = (f"{label} rank {rank}: per profiled step {cpu_total:.1f} ms self CPU, {gpu_total:.1f} ms "
                     f"self GPU\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30)
                     + "\n\n" + averages.table(sort_by="self_device_time_total", row_limit=20))

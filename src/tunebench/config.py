@@ -130,11 +130,12 @@ class TrainConfig:
         "reduce-overhead mode), so a step no longer waits on Python launching kernels one by one; needs "
         "train.compile, no gradient checkpointing and no offload_frozen; auto: on where those hold on one CUDA "
         "GPU with objective sft; measured 1.5x the compiled step on Gemma 3 270M (docs/PERFORMANCE.md)")
-    compile_dequant: bool = option(
-        False, help="qlora: dequantize the 4-bit base weights with torch ops (bit-identical to bitsandbytes') so "
+    compile_dequant: bool | Literal["auto"] = option(
+        "auto", help="qlora: dequantize the 4-bit base weights with torch ops (bit-identical to bitsandbytes') so "
         "that each compiled layer traces them into its own kernels instead of calling bitsandbytes through "
-        "Python for every matmul, forward and backward; not yet measured on a GPU (bench/gpu_session.sh part "
-        "dequant), hence off")
+        "Python for every matmul, forward and backward; auto: on for qlora when the layers are compiled "
+        "(uncompiled, bitsandbytes' own kernel is faster); measured 1.43x the compiled 13B-shape QLoRA step "
+        "on an H100 (docs/PERFORMANCE.md)")
     sharding: Literal["none", "fsdp"] = option(
         "none", help="with --gpus N > 1: none copies the whole model to every GPU (data parallel); fsdp shards "
         "weights, gradients and optimizer state across the GPUs (FSDP2, one unit per decoder layer), for models "

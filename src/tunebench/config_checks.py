@@ -118,8 +118,9 @@ def combination_problems(config: Config, world_size: int) -> list[str]:
                                                         bool(t.offload_frozen))):
         problems.append(f"'train.cuda_graphs': true needs train.compile on, train.gradient_checkpointing false (or "
                         f"auto) and train.offload_frozen off: {why}")
-    if t.compile_dequant and not get_method(t.method).quantized:
-        problems.append(f"'train.compile_dequant' applies to qlora's 4-bit base weights, not train.method {t.method}")
+    if t.compile_dequant is True and not get_method(t.method).quantized:
+        problems.append(f"'train.compile_dequant' applies to qlora's 4-bit base weights, not train.method "
+                        f"{t.method}; set it to auto or false")
     if config.generate.do_sample and config.generate.temperature == 0:
         problems.append("'generate.temperature' must be > 0 with generate.do_sample: true "
                         "(for greedy answers set do_sample: false)")

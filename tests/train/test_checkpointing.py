@@ -89,6 +89,11 @@ def test_levers_on_one_gpu_for_a_small_model_drop_checkpointing_and_offload_and_
     assert (forced.gradient_checkpointing, forced.offload_frozen, forced.cuda_graphs) == (True, True, False)
     on_cpu = resolve_levers(TrainConfig(method="lora"), small, torch.device("cpu"), world=1, max_seq_length=512)
     assert (on_cpu.gradient_checkpointing, on_cpu.compile, on_cpu.cuda_graphs) == (True, False, False)
+    assert (t.compile_dequant, on_cpu.compile_dequant) == (False, False)  # lora: no 4-bit weights
+    qlora = resolve_levers(TrainConfig(method="qlora"), small, CUDA, world=1, max_seq_length=512)
+    assert (qlora.compile, qlora.compile_dequant) == (True, True)
+    uncompiled = resolve_levers(TrainConfig(method="qlora", compile=False), small, CUDA, world=1, max_seq_length=512)
+    assert uncompiled.compile_dequant is False
 
 
 def test_config_reads_auto_true_and_false_and_refuses_offload_without_checkpointing():

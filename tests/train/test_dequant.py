@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 
 from tunebench.config import load_config
 from tunebench.errors import ConfigError
-from tunebench.train.dequant import dequantize_4bit, parts, use_torch_dequant
+from tunebench.train.dequant import dequantize_4bit, parts, use_compile_dequant, use_torch_dequant
 
 bnb = pytest.importorskip("bitsandbytes")
 functional = pytest.importorskip("bitsandbytes.functional")
@@ -97,6 +97,15 @@ def test_weights_moved_to_new_memory_are_read_there():
 def test_refusals_name_the_setting():
     with pytest.raises(ConfigError, match="no 4-bit linear layers"):
         use_torch_dequant(torch.nn.Sequential(torch.nn.Linear(4, 4)))
-    with pytest.raises(ConfigError, match="'train.compile_dequant' applies to qlora"):
+    with pytest.raises(ConfigError, match="'train.compile_dequant' applies to qlora.*set it to auto or false"):
         load_config(None, ["train.compile_dequant=true", "train.method=lora"])
     assert load_config(None, ["train.compile_dequant=true"]).train.compile_dequant is True  # qlora, the default
+    assert load_config(None, ["train.method=lora"]).train.compile_dequant == "auto"  # auto passes any method
+
+
+def test_auto_is_on_for_4bit_weights_in_compiled_layers_only():
+    assert use_compile_dequant("auto", quantized=True, compiled=True) is True
+    assert use_compile_dequant("auto", quantized=True, compiled=False) is False  # bitsandbytes' kernel is faster
+    assert use_compile_dequant("auto", quantized=False, compiled=True) is False
+    assert use_compile_dequant(True, quantized=True, compiled=False) is True
+    assert use_compile_dequant(False, quantized=True, compiled=True) is False

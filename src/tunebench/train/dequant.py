@@ -10,6 +10,10 @@ Exactness: the same float32 arithmetic as bitsandbytes (double-quantised absmax 
 offset; weight = table[nibble]·absmax, rounded once to the weight's dtype; the high nibble of each byte
 first), so the weights are bit-identical to bitsandbytes' dequantize_4bit (tested on CPU against it).
 The backward dequantises again instead of keeping the bf16 weight, as bitsandbytes does.
+
+When: with the layers compiled (auto). Measured on the 13B shape (H100, docs/PERFORMANCE.md): 1.43x the
+compiled step, 0.5 GiB more at the peak (dequantised weights of a layer's backward). Eagerly the torch ops
+are several kernels where bitsandbytes launches one, so auto leaves them off without compile.
 """
 
 from __future__ import annotations
@@ -63,6 +67,14 @@ class Linear4bit(torch.autograd.Function):
         blocksize, shape, dtype, blocksize2 = ctx.numbers
         weight = dequantize_4bit(packed, code, absmax, blocksize, shape, dtype, code2, absmax2, blocksize2, offset)
         return (grad @ weight.to(grad.dtype),) + (None,) * 10
+
+
+def use_compile_dequant(setting: bool | str, quantized: bool, compiled: bool) -> bool:
+    """Resolve train.compile_dequant: auto is on for a 4-bit (qlora) base whose layers are compiled; true
+    insists (eager too, where it is slower); false declines."""
+    if setting == "auto":
+        return quantized and compiled
+    return bool(setting)
 
 
 def torch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

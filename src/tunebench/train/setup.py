@@ -23,7 +23,7 @@ from tunebench.runs import DATA_SUMMARY, TRAINED_META, RunDir, read_jsonl
 from tunebench.train.checkpoint import latest_checkpoint, load_checkpoint
 from tunebench.train.checkpointing import micro_batch_tokens, use_checkpointing
 from tunebench.train.compile import compile_layers, compile_options, use_compile, use_graphs
-from tunebench.train.dequant import use_torch_dequant
+from tunebench.train.dequant import use_compile_dequant, use_torch_dequant
 from tunebench.train.distributed import Dist
 from tunebench.train.loop import TrainState
 from tunebench.train.loss import use_answer_only_logits
@@ -64,9 +64,11 @@ def resolve_levers(t: TrainConfig, model, device: torch.device, world: int, shar
     t = replace(t, offload_frozen=use_offload(t.offload_frozen, model, t.method, t.gradient_checkpointing, device,
                                               world, compiled=t.compile))
     t = replace(t, cuda_graphs=use_graphs(t.cuda_graphs, device, t.compile, t.gradient_checkpointing,
-                                          t.offload_frozen, world, t.objective))
-    log.info("answer_only_logits: %s, gradient_checkpointing: %s, offload_frozen: %s, compile: %s, cuda_graphs: %s",
-             t.answer_only_logits, t.gradient_checkpointing, t.offload_frozen, t.compile, t.cuda_graphs)
+                                          t.offload_frozen, world, t.objective),
+                compile_dequant=use_compile_dequant(t.compile_dequant, get_method(t.method).quantized, t.compile))
+    log.info("answer_only_logits: %s, gradient_checkpointing: %s, offload_frozen: %s, compile: %s, cuda_graphs: %s, "
+             "compile_dequant: %s", t.answer_only_logits, t.gradient_checkpointing, t.offload_frozen, t.compile,
+             t.cuda_graphs, t.compile_dequant)
     return t
 
 
