@@ -1,6 +1,7 @@
 """Where a decode step's time goes (issue 15): GPU time of one captured decode step (CUDA events around
-replays) against the wall time of the host loop, eager and compiled, at 1 and 100 rows, and the
-kernels of one eager step (torch.profiler), on a tunebench run (e.g. train_speed.py's Gemma LoRA run).
+replays) against the wall time of the host loop, at 1 and 100 rows, for the decoder layers as written,
+with their RMSNorms fused (decode_norms.py, the uncompiled loop's default) and compiled, and the kernels
+of one step (torch.profiler), on a tunebench run (e.g. train_speed.py's Gemma LoRA run).
 
     python bench/decode_profile.py --run /tmp/bench-speed/gemma-lora+compile=false-512
 """
@@ -8,6 +9,7 @@ kernels of one eager step (torch.profiler), on a tunebench run (e.g. train_speed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections import Counter
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tunebench.generate.decode_attention import decode_attention  # noqa: E402
 from tunebench.generate.decode_compile import compiled_decode_layers  # noqa: E402
+from tunebench.generate.decode_norms import fused_norms  # noqa: E402
 from tunebench.generate.graph_decode import DecodeSettings, GraphDecode  # noqa: E402
 from tunebench.generate.merge_adapter import merge_for_generation  # noqa: E402
 from tunebench.models.trained import load_for_inference  # noqa: E402
@@ -50,11 +53,12 @@ def main() -> None:
     prompt = loaded.tokenizer.encode("日本の首都はどこですか。理由も説明してください。")
     settings = DecodeSettings(400, eos_ids=(-1,), pad_id=loaded.tokenizer.pad_token_id, repetition_penalty=1.2)
     rows_out = []
-    for compile in (False, True):
+    layers = {"as written": lambda: contextlib.nullcontext(), "fused norms": lambda: fused_norms(model),
+              "compiled": lambda: compiled_decode_layers(model)}
+    for mode, context in layers.items():
         for rows in (1, 100):
-            decode = GraphDecode(model, [prompt] * rows, settings, compile=compile)
-            with torch.no_grad(), decode_attention(model), \
-                    (compiled_decode_layers(model) if compile else torch.no_grad()):
+            decode = GraphDecode(model, [prompt] * rows, settings, compile=mode == "compiled")
+            with torch.no_grad(), decode_attention(model), context():
                 decode.prefill()
                 gpu_ms, wall_ms = replay_times(decode, args.replays)
                 if rows == 1:
@@ -66,16 +70,17 @@ def main() -> None:
                     top = Counter()
                     for e in kernels:
                         top[e.name[:60]] += e.device_time_total
-                    print(f"compile={compile}: eager step {len(kernels)} kernels, {sum(top.values()) / 1000:.2f} ms GPU")
+                    print(f"{mode}: one step launched eagerly: {len(kernels)} kernels, "
+                          f"{sum(top.values()) / 1000:.2f} ms GPU")
                     for name, us in top.most_common(12):
                         print(f"    {us / 1000:7.3f} ms  {name}")
-            rows_out.append((compile, rows, gpu_ms, wall_ms))
+            rows_out.append((mode, rows, gpu_ms, wall_ms))
             del decode
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"{'compile':<9}{'rows':>6}{'GPU ms/step':>13}{'wall ms/step':>14}")
-    for compile, rows, gpu_ms, wall_ms in rows_out:
-        print(f"{str(compile):<9}{rows:>6}{gpu_ms:>13.3f}{wall_ms:>14.3f}")
+    print(f"{'layers':<13}{'rows':>6}{'GPU ms/step':>13}{'wall ms/step':>14}")
+    for mode, rows, gpu_ms, wall_ms in rows_out:
+        print(f"{mode:<13}{rows:>6}{gpu_ms:>13.3f}{wall_ms:>14.3f}")
 
 
 if __name__ == "__main__":

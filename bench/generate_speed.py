@@ -54,6 +54,7 @@ class Variant:
     compile: bool = False  # generate.compile: the loop's decoder layers torch.compile'd
     grouped_attention: bool = True  # the loop's own attention for the new token (decode_attention.py)
     compaction: bool = True  # the loop drops finished rows
+    fused_norms: bool = True  # uncompiled loop: RMSNorms through F.rms_norm (decode_norms.py)
 
 
 VARIANTS = {
@@ -61,13 +62,17 @@ VARIANTS = {
     "merged": Variant(merge_adapter=True, cuda_graphs=False, stop_check_every=None),
     "merged+stops": Variant(merge_adapter=True, cuda_graphs=False, stop_check_every=STOP_CHECK_EVERY),
     "merged+stops+graphs": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY),
+    # ^ the GPU default for shorter jobs (norms fused, layers not compiled)
     "merged+stops+graphs+compile": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
-                                           compile=True),  # today's default on a GPU
+                                           compile=True),  # the GPU default for jobs of 2,000 prompts or more
     # levers of the loop, one off at a time (compiled)
     "graphs-sdpa": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY, compile=True,
                            grouped_attention=False),
     "graphs-whole-batch": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
                                   compile=True, compaction=False),
+    # the uncompiled loop with the model's RMSNorms as written (merged+stops+graphs before decode_norms.py)
+    "graphs-unfused-norms": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
+                                    fused_norms=False),
 }
 
 
@@ -91,11 +96,12 @@ def set_levers(variant: Variant) -> None:
     """Turns the decode loop's levers on or off for this process (bench only)."""
     from contextlib import nullcontext
 
-    from tunebench.generate import decode_attention, graph_decode
+    from tunebench.generate import decode_attention, decode_norms, graph_decode
 
     graph_decode.decode_attention = decode_attention.decode_attention if variant.grouped_attention else \
         (lambda model: nullcontext())
     graph_decode.GraphDecode.worth_compacting = WORTH_COMPACTING if variant.compaction else (lambda self: False)
+    graph_decode.fused_norms = decode_norms.fused_norms if variant.fused_norms else (lambda model: nullcontext())
 
 
 def build_generator(run: str, variant: Variant, max_new_tokens: int, batch_size: int | None,

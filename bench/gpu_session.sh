@@ -28,6 +28,8 @@
 #               (4-bit weights dequantized by torch ops inside the compiled layers) and TRL, a profile of each
 #   dequant_ab  the same, paired: compile_dequant beside TRL, beside the defaults, and with inductor's asserts off
 #   qlora_defaults  the 13B shape with nothing set beside TRL, twice (GPUs swapped)
+#   norms       one GPU: the uncompiled decode loop with fused RMSNorms (decode step profile on random Gemma
+#               weights, then the real Gemma 3 270M + LoRA answering the tasks) against the norms as written
 #   graphs      one GPU each: tunebench's captured decode loop (generate.cuda_graphs) against transformers'
 #               generate; GPU 0 Gemma 3 270M (random weights first, then the real model + LoRA once its GGUF
 #               pieces are here), GPU 1 the 4-bit llm-jp-3-13b shape answering the tasks
@@ -323,6 +325,17 @@ qlora_defaults() {  # the 13B shape with nothing set (compile_dequant auto) besi
   CUDA_VISIBLE_DEVICES=0 step qd_13b_trl2 400 "${speed[@]}" --variant baseline &
   CUDA_VISIBLE_DEVICES=1 step qd_13b_default2 500 "${speed[@]}" --variant tunebench
   wait
+}
+
+norms() {  # one GPU: the uncompiled decode loop with fused RMSNorms against the norms as written and compiled
+  local gen=(python3 bench/generate_speed.py --tasks /tmp/tv.jsonl --run /tmp/bench-speed/gemma-lora+compile=false-512)
+  step nr_random_train 300 python3 bench/train_speed.py --model gemmarandom --method lora --variant tunebench \
+    --steps 5 --set train.compile=false --results $S/train_speed.jsonl
+  step nr_profile 300 python3 bench/decode_profile.py --run /tmp/bench-speed/gemmarandom-lora+compile=false-512
+  real_gemma_run || return
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache-gemma  # fresh: the first `tunebench generate` on a machine
+  step nr_generate 400 "${gen[@]}" --variants merged+stops+graphs graphs-unfused-norms merged+stops+graphs+compile \
+    --out-dir $S/generate-gemma
 }
 
 collect() {

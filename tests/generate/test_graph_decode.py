@@ -124,9 +124,27 @@ def test_auto_captures_and_compiles_on_a_gpu_only():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert uses_graph_decode("auto", cuda) and not uses_graph_decode("auto", cpu)
     assert uses_graph_decode(True, cpu) and not uses_graph_decode(False, cuda)
-    assert compiles_decode("auto", cuda, 270_000_000) and not compiles_decode("auto", cpu, 270_000_000)
-    assert not compiles_decode("auto", cuda, 13_000_000_000)  # memory-bound: compiling only costs
-    assert compiles_decode(True, cpu, 13_000_000_000) and not compiles_decode(False, cuda, 270_000_000)
+    long_job = 2000
+    assert compiles_decode("auto", cuda, 270_000_000, long_job) and not compiles_decode("auto", cpu, 270_000_000, long_job)
+    assert not compiles_decode("auto", cuda, 270_000_000, 100)  # 100 tasks: the compile costs more than it saves
+    assert not compiles_decode("auto", cuda, 13_000_000_000, long_job)  # memory-bound: compiling only costs
+    assert compiles_decode(True, cpu, 13_000_000_000) and not compiles_decode(False, cuda, 270_000_000, long_job)
+
+
+def test_generate_decides_compiling_by_the_whole_job_not_each_batch(tiny_model_dir, monkeypatch):
+    from tunebench.generate import engine
+
+    seen = []
+    monkeypatch.setattr(engine, "compiles_decode",
+                        lambda setting, device, parameters, prompts=1: seen.append(prompts) or False)
+    tiny = load_for_inference(str(tiny_model_dir), dtype=torch.float64)
+    config = GenerateConfig(cuda_graphs=True, max_new_tokens=4, batch_size=2, stop=[])
+    generator = Generator(tiny.model, tiny.tokenizer, "course", config)
+    generator.generate(conversations())
+    assert len(seen) >= 3 and set(seen) == {len(QUESTIONS)}  # three batches, each told the job's five prompts
+    seen.clear()
+    generator.generate_batch([tiny.tokenizer.encode(QUESTIONS[0])])  # serve's one request: a job of one
+    assert seen == [1]
 
 
 def test_a_failing_capture_falls_back_under_auto_and_is_raised_under_true(tiny_model_dir, monkeypatch, caplog):
@@ -178,7 +196,8 @@ def test_compiled_decode_layers_give_the_same_answers_and_a_failing_compile_deco
         monkeypatch.setattr(step, "compiled", broken)
     from tunebench.generate import engine
 
-    monkeypatch.setattr(engine, "compiles_decode", lambda setting, device, parameters: setting is not False)  # a GPU
+    monkeypatch.setattr(engine, "compiles_decode",
+                        lambda setting, device, parameters, prompts=1: setting is not False)  # a GPU, a long job
     generator = Generator(tiny.model, tiny.tokenizer, "course", config)
     assert answers(generator) == reference
     assert generator.fallbacks.compile_failed and not generator.fallbacks.graphs_failed

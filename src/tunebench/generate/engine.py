@@ -61,17 +61,21 @@ def clean_answer(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 # generate.compile auto compiles models below this size: their decode step is bound by kernel count,
-# which fusing cuts (Gemma 3 270M: 3.8 → 1.5 ms a step); a 13B-class step is bound by memory traffic,
-# and compiling only adds its time (the 4-bit llm-jp-3-13b shape: no faster, 7 s more). docs/PERFORMANCE.md
+# which fusing cuts (Gemma 3 270M: 2.7 → 1.5 ms a step, norms already fused); a 13B-class step is bound
+# by memory traffic, and compiling only adds its time (the 4-bit llm-jp-3-13b shape: no faster, 7 s more).
 COMPILE_BELOW_PARAMETERS = 3_000_000_000
+# ... and only for jobs this long: compiling costs 5-12 s before the first token (inductor's disk cache
+# warm or not) and then saves ~0.05 ms a token (H100, Gemma 3 270M), so it pays from ~100k-240k new
+# tokens, about this many prompts of ELYZA-tasks-100's kind (~90 tokens an answer). docs/PERFORMANCE.md
+COMPILE_FROM_PROMPTS = 2000
 
 
-def compiles_decode(setting: str | bool, device: torch.device, parameters: int = 0) -> bool:
+def compiles_decode(setting: str | bool, device: torch.device, parameters: int = 0, prompts: int = 1) -> bool:
     """generate.compile: auto compiles the decode loop's layers on a CUDA GPU for a model of fewer than
-    COMPILE_BELOW_PARAMETERS parameters (on CPU compiling costs more than it saves); true: any model, also
-    on CPU."""
+    COMPILE_BELOW_PARAMETERS parameters answering a job of at least COMPILE_FROM_PROMPTS prompts (on CPU
+    compiling costs more than it saves); true: any model and job, also on CPU."""
     if setting == "auto":
-        return device.type == "cuda" and parameters < COMPILE_BELOW_PARAMETERS
+        return device.type == "cuda" and parameters < COMPILE_BELOW_PARAMETERS and prompts >= COMPILE_FROM_PROMPTS
     return bool(setting)
 
 
@@ -185,9 +189,11 @@ class Generator:
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int | None = None,
-                       min_new_tokens: int = 0, stopping_criteria=None, streamer=None) -> list[Answer]:
+                       min_new_tokens: int = 0, stopping_criteria=None, streamer=None,
+                       job_size: int | None = None) -> list[Answer]:
         """One batch of encoded prompts, left-padded. `stopping_criteria` (a transformers
-        StoppingCriteriaList) and `streamer` are passed to model.generate (serve uses them).
+        StoppingCriteriaList) and `streamer` are passed to model.generate (serve uses them). `job_size`:
+        the prompts of the whole job this batch is part of (generate.compile auto; default this batch's).
 
         Plain batches go through the captured decode loop (graph_decode.py) where generate.cuda_graphs
         allows, its layers compiled where generate.compile allows. Under auto, a compile that fails is
@@ -198,7 +204,8 @@ class Generator:
             not (stopping_criteria or streamer or self.config.no_repeat_ngram_size or prompt_learning(self.model)
                  or loop_unsupported(self.model))
         while graphs:
-            compile = compiles_decode(self.config.compile, device, self.parameters) and not self.fallbacks.compile_failed
+            compile = compiles_decode(self.config.compile, device, self.parameters, job_size or len(prompts)) and \
+                not self.fallbacks.compile_failed
             try:
                 generated = self.decode_in_graphs(prompts, max_new_tokens, min_new_tokens, compile)
             except Exception as exc:  # whatever capture or compiling raises; the plain path reraises real faults
@@ -278,11 +285,12 @@ class Generator:
             self.model, len(items), max((len(e) for e in encoded), default=1), self.config.max_new_tokens)
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            for position, answer in zip(chunk, self.generate_batch([encoded[i] for i in chunk])):
+            for position, answer in zip(chunk, self.generate_batch([encoded[i] for i in chunk], job_size=len(items))):
                 if not answer.text:
                     # An immediate EOS or stop string leaves nothing, which a submission may not hold:
                     # answer again with EOS suppressed for the first tokens.
-                    answer = self.generate_batch([encoded[position]], min_new_tokens=EMPTY_RETRY_MIN_TOKENS)[0]
+                    answer = self.generate_batch([encoded[position]], min_new_tokens=EMPTY_RETRY_MIN_TOKENS,
+                                                 job_size=len(items))[0]
                 answer.index = position
                 results[position] = answer
                 if on_answer:

@@ -13,7 +13,8 @@ Every layer gets a full-length static cache (a sliding-window layer too: its win
 the attention mask over absolute positions), so a step's work does not depend on how far the answer
 has got. Each new token's attention reads each key/value head once (decode_attention.py); with
 `compile`, the step's decoder layers are torch.compile'd (decode_compile.py), which fuses their
-many small kernels (the kernel count, not the weights, sets a small model's step time). Finished
+many small kernels (the kernel count, not the weights, sets a small model's step time); uncompiled,
+the RMSNorms at least run as one fused kernel each (decode_norms.py). Finished
 rows are dropped from the batch once few rows are left (`compact`). On CPU (tests; `cuda_graphs: true`
 without a GPU) the same step runs without a graph; greedy answers equal transformers' generate token
 for token (tests/generate/test_graph_decode.py).
@@ -21,7 +22,6 @@ for token (tests/generate/test_graph_decode.py).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import threading
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from tunebench.generate.decode_attention import decode_attention
 from tunebench.generate.decode_compile import compiled_decode_layers, eager_cache_update
+from tunebench.generate.decode_norms import fused_norms
 from tunebench.train.wrapped import causal_lm
 
 # One run at a time in a process: a run switches the shared model's attention and layer calls (serve
@@ -209,7 +210,7 @@ class GraphDecode:
     @torch.no_grad()
     def run(self) -> list[list[int]]:
         with RUN_LOCK, decode_attention(self.model), \
-                (compiled_decode_layers(self.model) if self.compile else contextlib.nullcontext()):
+                (compiled_decode_layers(self.model) if self.compile else fused_norms(self.model)):
             return self.decode()
 
     def decode(self) -> list[list[int]]:
