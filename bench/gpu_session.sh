@@ -336,6 +336,9 @@ norms() {  # one GPU: the uncompiled decode loop with fused RMSNorms against the
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache-gemma  # fresh: the first `tunebench generate` on a machine
   step nr_generate 400 "${gen[@]}" --variants merged+stops+graphs graphs-unfused-norms merged+stops+graphs+compile \
     --out-dir $S/generate-gemma
+  # a new process, the other order: the first variant in a process pays its CUDA start-up
+  step nr_generate_swapped 300 "${gen[@]}" --variants graphs-unfused-norms merged+stops+graphs \
+    --out-dir $S/generate-gemma-swapped
 }
 
 collect() {

@@ -149,3 +149,15 @@ def test_rerun_with_changed_settings_is_refused_and_failed_validation_exits_non_
     run.joinpath("predictions.jsonl").write_text("\n".join(rows[:-1]) + "\n", encoding="utf-8")
     assert main(base) == 1
     assert "failed validation" in capsys.readouterr().err
+
+
+def test_training_speed_levers_moving_to_auto_do_not_refuse_an_older_run():
+    """An older run saved the levers' old defaults (gradient_checkpointing true, compile_dequant false): the
+    same updates, rounding aside, so its artefacts still stand; a setting that changes them is still named."""
+    from tunebench.pipeline import changed_settings
+
+    before = {"train": {"gradient_checkpointing": True, "compile_dequant": False, "max_steps": 3}}
+    after = {"train": {"gradient_checkpointing": "auto", "compile_dequant": "auto", "max_steps": 3}}
+    assert changed_settings(before, after, ("train",)) == []
+    after["train"]["max_steps"] = 4
+    assert changed_settings(before, after, ("train",)) == ["train.max_steps: 3 → 4"]

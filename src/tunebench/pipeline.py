@@ -139,6 +139,10 @@ GENERATE_SECTIONS = (*TRAIN_SECTIONS, "generate")
 INERT_KEYS = {"data.allow_contamination", "train.logging_steps", "train.save_steps", "train.save_total_limit",
               "train.report_to", "train.eval_steps", "generate.batch_size"}
 INERT_KEYS |= {"generate.merge_adapter", "generate.cuda_graphs", "generate.compile"}  # same answers, bf16 rounding aside (as batch_size)
+# speed levers of training: the same updates, rounding aside (their CPU tests); their defaults move as they are
+# measured (gradient_checkpointing true → auto, compile_dequant false → auto), which must not refuse older runs
+INERT_KEYS |= {"train.gradient_checkpointing", "train.offload_frozen", "train.compile", "train.cuda_graphs",
+               "train.compile_dequant"}
 
 
 def settings_of(config: Config, sections: tuple[str, ...]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 switches them only while it runs. Answers through the loop are held against transformers' generate
 in test_graph_decode.py, which now runs with the fused norms."""
 
+import contextlib
 import importlib
 
 import pytest
@@ -50,15 +51,8 @@ def test_a_gemma_model_runs_every_norm_fused_inside_the_block_only():
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         expected = model(ids).logits
-        calls = []
-        original = torch.nn.functional.rms_norm
-
-        def counted(*args, **kwargs):
-            calls.append(1)
-            return original(*args, **kwargs)
-
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(torch.nn.functional, "rms_norm", counted)
+            calls = counting_rms_norm(patch)
             with fused_norms(model) as switched:
                 got = model(ids).logits
             assert switched == 2 * 6 + 1  # six per layer (q and k norms included) and the final norm
@@ -66,6 +60,59 @@ def test_a_gemma_model_runs_every_norm_fused_inside_the_block_only():
             model(ids)
             assert len(calls) == switched  # as written again after the block
     assert torch.equal(got, expected)
+
+
+def counting_rms_norm(patch) -> list:
+    calls, original = [], torch.nn.functional.rms_norm
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    patch.setattr(torch.nn.functional, "rms_norm", counted)
+    return calls
+
+
+def test_the_decode_loop_runs_the_norms_fused_and_restores_them_even_when_it_fails(tokenizer, monkeypatch):
+    from tunebench.generate import graph_decode
+    from tunebench.generate.graph_decode import DecodeSettings, GraphDecode
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = Gemma3ForCausalLM(config).to(torch.float64).eval()
+    prompts = [tokenizer.encode("日本の首都は？"), tokenizer.encode("こんにちは")]
+    settings = DecodeSettings(6, eos_ids=(-1,), pad_id=tokenizer.pad_token_id)
+    with monkeypatch.context() as patch:
+        patch.setattr(graph_decode, "fused_norms", lambda model: contextlib.nullcontext())
+        expected = GraphDecode(model, prompts, settings).run()  # the norms as written
+    calls = counting_rms_norm(monkeypatch)
+    assert GraphDecode(model, prompts, settings).run() == expected
+    assert len(calls) == 6 * 13  # prefill + 5 decode steps, 13 norms each
+    calls.clear()
+
+    def failing_step(self):
+        raise RuntimeError("a kernel failed")
+
+    monkeypatch.setattr(graph_decode.GraphDecode, "forward_newest", failing_step)
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        GraphDecode(model, prompts, settings).run()
+    assert not [m for m in model.modules() if "forward" in vars(m) or hasattr(m, "fused_scale")]
+
+
+def test_a_norm_class_of_remote_code_with_a_known_name_is_left_alone():
+    class LlamaRMSNorm(torch.nn.Module):  # someone's own, computing otherwise
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return x * 2
+
+    norm = LlamaRMSNorm()
+    with fused_norms(norm) as switched:
+        assert switched == 0
+        assert torch.equal(norm(torch.ones(8)), torch.full((8,), 2.0))
 
 
 def test_a_norm_with_its_own_forward_already_is_left_alone():

@@ -91,7 +91,10 @@ def test_levers_on_one_gpu_for_a_small_model_drop_checkpointing_and_offload_and_
     assert (on_cpu.gradient_checkpointing, on_cpu.compile, on_cpu.cuda_graphs) == (True, False, False)
     assert (t.compile_dequant, on_cpu.compile_dequant) == (False, False)  # lora: no 4-bit weights
     qlora = resolve_levers(TrainConfig(method="qlora"), small, CUDA, world=1, max_seq_length=512)
-    assert (qlora.compile, qlora.compile_dequant) == (True, True)
+    assert (qlora.compile, qlora.cuda_graphs, qlora.compile_dequant) == (True, True, False)  # graphs: no host cost
+    recomputed = resolve_levers(TrainConfig(method="qlora", gradient_checkpointing=True), small, CUDA, world=1,
+                                max_seq_length=512)
+    assert (recomputed.cuda_graphs, recomputed.compile_dequant) == (False, True)  # the 13B's case
     uncompiled = resolve_levers(TrainConfig(method="qlora", compile=False), small, CUDA, world=1, max_seq_length=512)
     assert uncompiled.compile_dequant is False
 

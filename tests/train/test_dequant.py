@@ -105,6 +105,7 @@ def test_refusals_name_the_setting():
 
 def test_auto_is_on_for_4bit_weights_in_compiled_layers_only():
     assert use_compile_dequant("auto", quantized=True, compiled=True) is True
+    assert use_compile_dequant("auto", quantized=True, compiled=True, graphs=True) is False  # no host time to save
     assert use_compile_dequant("auto", quantized=True, compiled=False) is False  # bitsandbytes' kernel is faster
     assert use_compile_dequant("auto", quantized=False, compiled=True) is False
     assert use_compile_dequant(True, quantized=True, compiled=False) is True

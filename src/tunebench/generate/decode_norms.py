@@ -7,8 +7,9 @@ and keys). In a decode step captured as a CUDA graph the kernel count, not the w
 model's step time (docs/PERFORMANCE.md), and these norms are half of it. torch.nn.functional.rms_norm
 does the square-mean-rsqrt-multiply in one kernel on a GPU; the casts around it are kept where the
 model's own code has them, so the arithmetic is the model's (float32 throughout, rounded where the
-model rounds). Known norm classes only (NORMS), by the way their forward computes; any other norm
-runs as written. Switched on only while the decode loop runs (`fused_norms`), like decode_attention.
+model rounds). Known norm classes of transformers' own modeling files only (NORMS, by the way their
+forward computes); any other norm, remote code's included, runs as written. Switched on only while
+the decode loop runs (`fused_norms`), like decode_attention.
 """
 
 from __future__ import annotations
@@ -43,17 +44,23 @@ NORMS = {
 def fused_norms(model):
     """Inside the block, the model's known RMSNorm modules run through F.rms_norm; restored after."""
     switched = []
-    for module in model.modules():
-        forward = NORMS.get(type(module).__name__)
-        if forward is None or "forward" in vars(module):
-            continue
-        if forward is gemma_norm:
-            module.fused_scale = 1.0 + module.weight.float()  # read by every step; weights are fixed while decoding
-        module.forward = types.MethodType(forward, module)
-        switched.append(module)
     try:
+        for module in model.modules():
+            forward = NORMS.get(type(module).__name__)
+            if forward is None or not stock(module) or "forward" in vars(module):
+                continue
+            if forward is gemma_norm:
+                module.fused_scale = 1.0 + module.weight.float()  # read by every step; weights fixed while decoding
+            module.forward = types.MethodType(forward, module)
+            switched.append(module)
         yield len(switched)
     finally:
         for module in switched:
             del module.forward
             vars(module).pop("fused_scale", None)
+
+
+def stock(module) -> bool:
+    """A norm class of transformers' own modeling files (remote code may name its own class alike and
+    compute otherwise)."""
+    return type(module).__module__.startswith("transformers.models.")

@@ -11,9 +11,11 @@ offset; weight = table[nibble]·absmax, rounded once to the weight's dtype; the 
 first), so the weights are bit-identical to bitsandbytes' dequantize_4bit (tested on CPU against it).
 The backward dequantises again instead of keeping the bf16 weight, as bitsandbytes does.
 
-When: with the layers compiled (auto). Measured on the 13B shape (H100, docs/PERFORMANCE.md): 1.43x the
-compiled step, 0.5 GiB more at the peak (dequantised weights of a layer's backward). Eagerly the torch ops
-are several kernels where bitsandbytes launches one, so auto leaves them off without compile.
+When: with the layers compiled and not replayed as CUDA graphs (auto). Measured on the 13B shape (H100,
+docs/PERFORMANCE.md): 1.43x the compiled step, 0.5 GiB more at the peak (dequantised weights of a layer's
+backward). Eagerly the torch ops are several kernels where bitsandbytes launches one, so auto leaves them
+off without compile; with CUDA graphs the host cost they save is gone anyway. If compiling fails under
+train.compile auto and the layers fall back to eager, the torch ops stay (correct, slower).
 """
 
 from __future__ import annotations
@@ -69,11 +71,12 @@ class Linear4bit(torch.autograd.Function):
         return (grad @ weight.to(grad.dtype),) + (None,) * 10
 
 
-def use_compile_dequant(setting: bool | str, quantized: bool, compiled: bool) -> bool:
-    """Resolve train.compile_dequant: auto is on for a 4-bit (qlora) base whose layers are compiled; true
+def use_compile_dequant(setting: bool | str, quantized: bool, compiled: bool, graphs: bool = False) -> bool:
+    """Resolve train.compile_dequant: auto is on for a 4-bit (qlora) base whose layers are compiled and not
+    replayed as CUDA graphs (replayed, no host time is left to save, and the pair is not measured); true
     insists (eager too, where it is slower); false declines."""
     if setting == "auto":
-        return quantized and compiled
+        return quantized and compiled and not graphs
     return bool(setting)
 
 

@@ -64,8 +64,9 @@ def resolve_levers(t: TrainConfig, model, device: torch.device, world: int, shar
     t = replace(t, offload_frozen=use_offload(t.offload_frozen, model, t.method, t.gradient_checkpointing, device,
                                               world, compiled=t.compile))
     t = replace(t, cuda_graphs=use_graphs(t.cuda_graphs, device, t.compile, t.gradient_checkpointing,
-                                          t.offload_frozen, world, t.objective),
-                compile_dequant=use_compile_dequant(t.compile_dequant, get_method(t.method).quantized, t.compile))
+                                          t.offload_frozen, world, t.objective))
+    t = replace(t, compile_dequant=use_compile_dequant(t.compile_dequant, get_method(t.method).quantized, t.compile,
+                                                       t.cuda_graphs))
     log.info("answer_only_logits: %s, gradient_checkpointing: %s, offload_frozen: %s, compile: %s, cuda_graphs: %s, "
              "compile_dequant: %s", t.answer_only_logits, t.gradient_checkpointing, t.offload_frozen, t.compile,
              t.cuda_graphs, t.compile_dequant)
