@@ -1,7 +1,8 @@
 """Where a decode step's time goes (issue 15): GPU time of one captured decode step (CUDA events around
 replays) against the wall time of the host loop, at 1 and 100 rows, for the decoder layers as written,
-with their RMSNorms fused (decode_norms.py, the uncompiled loop's default) and compiled, and the kernels
-of one step (torch.profiler), on a tunebench run (e.g. train_speed.py's Gemma LoRA run).
+with their RMSNorms fused (decode_norms.py, the uncompiled loop's default), with the new token's attention
+as one SDPA call on top (decode_attention.GROUPED_SDPA, prepared) and compiled, and the kernels of one step
+(torch.profiler), on a tunebench run (e.g. train_speed.py's Gemma LoRA run).
 
     python bench/decode_profile.py --run /tmp/bench-speed/gemma-lora+compile=false-512
 """
@@ -19,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from tunebench.generate import decode_attention as decode_attention_module  # noqa: E402
 from tunebench.generate.decode_attention import decode_attention  # noqa: E402
 from tunebench.generate.decode_compile import compiled_decode_layers  # noqa: E402
 from tunebench.generate.decode_norms import fused_norms  # noqa: E402
@@ -43,6 +45,17 @@ def replay_times(decode: GraphDecode, replays: int) -> tuple[float, float]:
     return start.elapsed_time(end) / replays, (time.perf_counter() - wall) * 1000 / replays
 
 
+@contextlib.contextmanager
+def one_call_attention(model):
+    """Fused norms and the new token's attention as one SDPA call (decode_attention.GROUPED_SDPA, prepared)."""
+    decode_attention_module.GROUPED_SDPA = True
+    try:
+        with fused_norms(model):
+            yield
+    finally:
+        decode_attention_module.GROUPED_SDPA = False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True)
@@ -54,7 +67,7 @@ def main() -> None:
     settings = DecodeSettings(400, eos_ids=(-1,), pad_id=loaded.tokenizer.pad_token_id, repetition_penalty=1.2)
     rows_out = []
     layers = {"as written": lambda: contextlib.nullcontext(), "fused norms": lambda: fused_norms(model),
-              "compiled": lambda: compiled_decode_layers(model)}
+              "+1-call attn": lambda: one_call_attention(model), "compiled": lambda: compiled_decode_layers(model)}
     for mode, context in layers.items():
         for rows in (1, 100):
             decode = GraphDecode(model, [prompt] * rows, settings, compile=mode == "compiled")

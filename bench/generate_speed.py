@@ -55,6 +55,7 @@ class Variant:
     grouped_attention: bool = True  # the loop's own attention for the new token (decode_attention.py)
     compaction: bool = True  # the loop drops finished rows
     fused_norms: bool = True  # uncompiled loop: RMSNorms through F.rms_norm (decode_norms.py)
+    grouped_sdpa: bool = False  # the new token's attention as one SDPA call (decode_attention.GROUPED_SDPA)
 
 
 VARIANTS = {
@@ -73,6 +74,9 @@ VARIANTS = {
     # the uncompiled loop with the model's RMSNorms as written (merged+stops+graphs before decode_norms.py)
     "graphs-unfused-norms": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
                                     fused_norms=False),
+    # the uncompiled loop with the prepared one-call attention (not yet the default)
+    "graphs-grouped-sdpa": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
+                                   grouped_sdpa=True),
 }
 
 
@@ -102,6 +106,7 @@ def set_levers(variant: Variant) -> None:
         (lambda model: nullcontext())
     graph_decode.GraphDecode.worth_compacting = WORTH_COMPACTING if variant.compaction else (lambda self: False)
     graph_decode.fused_norms = decode_norms.fused_norms if variant.fused_norms else (lambda model: nullcontext())
+    decode_attention.GROUPED_SDPA = variant.grouped_sdpa
 
 
 def build_generator(run: str, variant: Variant, max_new_tokens: int, batch_size: int | None,

@@ -337,7 +337,7 @@ norms() {  # one GPU: the uncompiled decode loop with fused RMSNorms against the
   step nr_generate 400 "${gen[@]}" --variants merged+stops+graphs graphs-unfused-norms merged+stops+graphs+compile \
     --out-dir $S/generate-gemma
   # a new process, the other order: the first variant in a process pays its CUDA start-up
-  step nr_generate_swapped 300 "${gen[@]}" --variants graphs-unfused-norms merged+stops+graphs \
+  step nr_generate_swapped 300 "${gen[@]}" --variants graphs-unfused-norms merged+stops+graphs graphs-grouped-sdpa \
     --out-dir $S/generate-gemma-swapped
 }
 

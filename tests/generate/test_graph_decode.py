@@ -223,6 +223,7 @@ def test_min_new_tokens_holds_the_end_back_as_transformers_does(tiny_model_dir):
 def test_grouped_decode_attention_equals_sdpa_over_repeated_heads(tiny_model_dir):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from tunebench.generate import decode_attention as decode_attention_module
     from tunebench.generate.decode_attention import NAME, decode_attention, grouped_decode_attention
 
     torch.manual_seed(0)
@@ -237,6 +238,11 @@ def test_grouped_decode_attention_equals_sdpa_over_repeated_heads(tiny_model_dir
     torch.testing.assert_close(got, expected)
     bias = torch.zeros(4, 1, 1, 10, dtype=torch.float64).masked_fill(~mask, float("-inf"))  # an additive mask
     torch.testing.assert_close(grouped_decode_attention(module, query, key, value, bias, scaling=0.3)[0], expected)
+    with pytest.MonkeyPatch.context() as patch:  # the prepared one-SDPA-call form (decode_attention.GROUPED_SDPA)
+        patch.setattr(decode_attention_module, "GROUPED_SDPA", True)
+        for each_mask in (mask, bias):
+            torch.testing.assert_close(grouped_decode_attention(module, query, key, value, each_mask, scaling=0.3)[0],
+                                       expected)
     tiny = load_for_inference(str(tiny_model_dir), dtype=torch.float64)
     with decode_attention(tiny.model):
         assert tiny.model.config._attn_implementation == NAME

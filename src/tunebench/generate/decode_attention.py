@@ -19,6 +19,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 NAME = "tunebench_decode"
+# One SDPA call on the grouped query (its query heads as positions that share the key/value head and the
+# mask) in place of the explicit matmul-softmax-matmul below: one kernel where a fused SDPA backend takes the
+# mask and head size, and float32 scores inside it. Not measured on a GPU yet (bench/generate_speed.py
+# variant graphs-grouped-sdpa, bench/decode_profile.py), hence off.
+GROUPED_SDPA = False
 
 
 def grouped_decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -35,6 +40,12 @@ def grouped_decode_attention(module, query: torch.Tensor, key: torch.Tensor, val
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     # query head h uses key/value head h // group (transformers' repeat_kv order)
     grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)
+    if GROUPED_SDPA and softcap is None:
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.to(query.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
+                                                               scale=scaling)
+        return out.reshape(rows, 1, heads, dim), None
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (dim ** -0.5 if scaling is None else scaling)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
