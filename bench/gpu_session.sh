@@ -172,6 +172,11 @@ compiled_offload_13b() {  # GPU 1: llm-jp-3-13b shape QLoRA
     --steps 10 --count 2 --set train.offload_frozen=true --out-dir $S/profile
 }
 
+random_gemma_run() {  # random_gemma_run STEP: a 5-step LoRA run of random-weight Gemma for the decode benches
+  step "$1" 300 python3 bench/train_speed.py --model gemmarandom --method lora --variant tunebench \
+    --steps 5 --set train.compile=false --results $S/train_speed.jsonl
+}
+
 real_gemma_run() {  # waits for the five GGUF pieces, converts them, trains a LoRA run of 30 steps on the real model
   local waited=0
   while [ "$(pieces)" != 5 ] && [ $waited -lt 400 ]; do sleep 3; waited=$((waited + 3)); done
@@ -189,8 +194,7 @@ graphs() {  # issue 15's generation bar, one GPU each
 
 graphs_gemma() {  # GPU 0: random weights at once (every answer runs to 512 tokens), then the real model
   local gen=(python3 bench/generate_speed.py --tasks /tmp/tv.jsonl)
-  step gd_random_train 300 python3 bench/train_speed.py --model gemmarandom --method lora --variant tunebench \
-    --steps 5 --set train.compile=false --results $S/train_speed.jsonl
+  random_gemma_run gd_random_train
   step gd_random_generate 400 "${gen[@]}" --run /tmp/bench-speed/gemmarandom-lora+compile=false-512 \
     --variants merged+stops+graphs+compile merged+stops+graphs merged+stops --out-dir $S/generate-gemmarandom
   real_gemma_run || return
@@ -329,8 +333,7 @@ qlora_defaults() {  # the 13B shape with nothing set (compile_dequant auto) besi
 
 norms() {  # one GPU: the uncompiled decode loop with fused RMSNorms against the norms as written and compiled
   local gen=(python3 bench/generate_speed.py --tasks /tmp/tv.jsonl --run /tmp/bench-speed/gemma-lora+compile=false-512)
-  step nr_random_train 300 python3 bench/train_speed.py --model gemmarandom --method lora --variant tunebench \
-    --steps 5 --set train.compile=false --results $S/train_speed.jsonl
+  random_gemma_run nr_random_train
   step nr_profile 300 python3 bench/decode_profile.py --run /tmp/bench-speed/gemmarandom-lora+compile=false-512
   real_gemma_run || return
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache-gemma  # fresh: the first `tunebench generate` on a machine

@@ -134,8 +134,8 @@ class TrainConfig:
         "auto", help="qlora: dequantize the 4-bit base weights with torch ops (bit-identical to bitsandbytes') so "
         "that each compiled layer traces them into its own kernels instead of calling bitsandbytes through "
         "Python for every matmul, forward and backward; auto: on for qlora when the layers are compiled and not "
-        "replayed as CUDA graphs (uncompiled, bitsandbytes' own kernel is faster); measured 1.43x the compiled 13B-shape QLoRA step "
-        "on an H100 (docs/PERFORMANCE.md)")
+        "replayed as CUDA graphs (uncompiled, bitsandbytes' own kernel is faster); measured 1.43x the compiled "
+        "13B-shape QLoRA step on an H100 (docs/PERFORMANCE.md)")
     sharding: Literal["none", "fsdp"] = option(
         "none", help="with --gpus N > 1: none copies the whole model to every GPU (data parallel); fsdp shards "
         "weights, gradients and optimizer state across the GPUs (FSDP2, one unit per decoder layer), for models "

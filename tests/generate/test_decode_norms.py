@@ -8,9 +8,10 @@ import importlib
 
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from tunebench.generate.decode_norms import NORMS, fused_norms
+
+from .test_graph_decode import tiny_gemma
 
 MODULES = {"GemmaRMSNorm": "gemma", "Gemma2RMSNorm": "gemma2", "Gemma3RMSNorm": "gemma3", "LlamaRMSNorm": "llama",
            "MistralRMSNorm": "mistral", "Qwen2RMSNorm": "qwen2", "Qwen3RMSNorm": "qwen3"}
@@ -43,11 +44,8 @@ def test_the_fused_forward_gives_the_class_own_output(name, dtype):
     assert "forward" not in vars(norm) and not hasattr(norm, "fused_scale")  # restored
 
 
-def test_a_gemma_model_runs_every_norm_fused_inside_the_block_only():
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    model = Gemma3ForCausalLM(config).eval()
+def test_a_gemma_model_runs_every_norm_fused_inside_the_block_only(tokenizer):
+    model = tiny_gemma(tokenizer)
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         expected = model(ids).logits
@@ -77,10 +75,7 @@ def test_the_decode_loop_runs_the_norms_fused_and_restores_them_even_when_it_fai
     from tunebench.generate import graph_decode
     from tunebench.generate.graph_decode import DecodeSettings, GraphDecode
 
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    model = Gemma3ForCausalLM(config).to(torch.float64).eval()
+    model = tiny_gemma(tokenizer)
     prompts = [tokenizer.encode("日本の首都は？"), tokenizer.encode("こんにちは")]
     settings = DecodeSettings(6, eos_ids=(-1,), pad_id=tokenizer.pad_token_id)
     with monkeypatch.context() as patch:
