@@ -1,7 +1,8 @@
 """Where a decode step's time goes (issue 15): GPU time of one captured decode step (CUDA events around
 replays) against the wall time of the host loop, at 1 and 100 rows, for the decoder layers as written,
-with their RMSNorms fused (decode_norms.py, the uncompiled loop's default), with the new token's attention
-as one SDPA call on top (decode_attention.GROUPED_SDPA, prepared) and compiled, and the kernels of one step
+with their RMSNorms fused (decode_norms.py), with the loop's own masks, cache writes and rotary table on top
+(decode_masks.py, decode_rotary.py), with Gemma's one-token attention and MLP fused on top of that
+(decode_fused_layers.py: the uncompiled loop's default) and compiled, and the kernels of one step
 (torch.profiler), on a tunebench run (e.g. train_speed.py's Gemma LoRA run).
 
     python bench/decode_profile.py --run /tmp/bench-speed/gemma-lora+compile=false-512
@@ -10,7 +11,6 @@ as one SDPA call on top (decode_attention.GROUPED_SDPA, prepared) and compiled, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from collections import Counter
@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # generate_speed's variants
 
-from tunebench.generate import decode_attention as decode_attention_module  # noqa: E402
-from tunebench.generate.decode_attention import decode_attention  # noqa: E402
-from tunebench.generate.decode_compile import compiled_decode_layers  # noqa: E402
-from tunebench.generate.decode_norms import fused_norms  # noqa: E402
+from generate_speed import Variant, set_levers  # noqa: E402
+
 from tunebench.generate.graph_decode import DecodeSettings, GraphDecode  # noqa: E402
 from tunebench.generate.merge_adapter import merge_for_generation  # noqa: E402
 from tunebench.models.trained import load_for_inference  # noqa: E402
@@ -45,15 +44,23 @@ def replay_times(decode: GraphDecode, replays: int) -> tuple[float, float]:
     return start.elapsed_time(end) / replays, (time.perf_counter() - wall) * 1000 / replays
 
 
-@contextlib.contextmanager
-def one_call_attention(model):
-    """Fused norms and the new token's attention as one SDPA call (decode_attention.GROUPED_SDPA, prepared)."""
-    decode_attention_module.GROUPED_SDPA = True
-    try:
-        with fused_norms(model):
-            yield
-    finally:
-        decode_attention_module.GROUPED_SDPA = False
+def kernel_check() -> None:
+    """decode_kernels' Triton kernel against its torch reference on random bf16 rows (Gemma 3 270M's width)."""
+    from tunebench.generate.decode_kernels import reference, triton_norm_add_norm
+
+    torch.manual_seed(0)
+    x, residual = torch.randn(100, 1, 640, device="cuda", dtype=torch.bfloat16) * 3, \
+        torch.randn(100, 1, 640, device="cuda", dtype=torch.bfloat16) * 10
+    s1, s2 = 1 + torch.randn(640, device="cuda") * 0.5, 1 + torch.randn(640, device="cuda") * 0.5
+    for label, args in (("norm", (x, s1, 1e-6)), ("norm+add", (x, s1, 1e-6, residual)),
+                        ("norm+add+norm", (x, s1, 1e-6, residual, s2))):
+        got, expected = triton_norm_add_norm(*args), reference(*args)
+        for name, a, b in zip(("summed", "normed"), got, expected):
+            if a is None:
+                continue
+            differ = (a != b).float().mean().item()
+            ulps = ((a.float() - b.float()).abs() / b.float().abs().clamp(min=1e-30)).max().item() * 2 ** 8
+            print(f"kernel check {label:<14} {name}: {differ:.2%} of elements differ, largest by {ulps:.2f} bf16 ulp")
 
 
 def main() -> None:
@@ -61,18 +68,25 @@ def main() -> None:
     parser.add_argument("--run", required=True)
     parser.add_argument("--replays", type=int, default=100)
     args = parser.parse_args()
+    kernel_check()
     loaded = load_for_inference(args.run)
     model = merge_for_generation(loaded.model, "auto")
     prompt = loaded.tokenizer.encode("日本の首都はどこですか。理由も説明してください。")
     settings = DecodeSettings(400, eos_ids=(-1,), pad_id=loaded.tokenizer.pad_token_id, repetition_penalty=1.2)
     rows_out = []
-    layers = {"as written": lambda: contextlib.nullcontext(), "fused norms": lambda: fused_norms(model),
-              "+1-call attn": lambda: one_call_attention(model), "compiled": lambda: compiled_decode_layers(model)}
-    for mode, context in layers.items():
+    loop = dict(merge_adapter=True, cuda_graphs=True, stop_check_every=16)
+    modes = {"as written": Variant(**loop, fused_norms=False, step_inputs=False),
+             "fused norms": Variant(**loop, step_inputs=False),  # the loop before its own step inputs
+             "+step inputs": Variant(**loop, fused_layers=False),  # own masks, cache writes, rotary table
+             "+fused attn/MLP": Variant(**loop, layer_kernel=False),  # Gemma's one-token attention and MLP fused
+             "+layer kernel": Variant(**loop),  # the layer's norms and adds in one Triton kernel each: the default
+             "compiled": Variant(**loop, compile=True)}
+    for mode, variant in modes.items():
+        set_levers(variant)
         for rows in (1, 100):
-            decode = GraphDecode(model, [prompt] * rows, settings, compile=mode == "compiled")
-            with torch.no_grad(), decode_attention(model), context():
-                decode.prefill()
+            decode = GraphDecode(model, [prompt] * rows, settings, compile=variant.compile)
+            with torch.no_grad(), decode.running():
+                decode.start()
                 gpu_ms, wall_ms = replay_times(decode, args.replays)
                 if rows == 1:
                     from torch.profiler import ProfilerActivity, profile

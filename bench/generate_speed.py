@@ -55,7 +55,9 @@ class Variant:
     grouped_attention: bool = True  # the loop's own attention for the new token (decode_attention.py)
     compaction: bool = True  # the loop drops finished rows
     fused_norms: bool = True  # uncompiled loop: RMSNorms through F.rms_norm (decode_norms.py)
-    grouped_sdpa: bool = False  # the new token's attention as one SDPA call (decode_attention.GROUPED_SDPA)
+    step_inputs: bool = True  # the loop's own masks, cache writes and rotary table (decode_masks.py, decode_rotary.py)
+    fused_layers: bool = True  # Gemma 3's one-token attention and MLP in fewer kernels (decode_fused_layers.py)
+    layer_kernel: bool = True  # ... and its layer's norms and adds as norm_add_norm (decode_kernels.py: Triton)
 
 
 VARIANTS = {
@@ -74,9 +76,15 @@ VARIANTS = {
     # the uncompiled loop with the model's RMSNorms as written (merged+stops+graphs before decode_norms.py)
     "graphs-unfused-norms": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
                                     fused_norms=False),
-    # the uncompiled loop with the prepared one-call attention (not yet the default)
-    "graphs-grouped-sdpa": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
-                                   grouped_sdpa=True),
+    # the uncompiled loop as it was before its own masks, cache writes and rotary table (norms fused)
+    "graphs-hf-step-inputs": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
+                                     step_inputs=False, fused_layers=False),
+    # the uncompiled loop with Gemma's attention and MLP fused, its layer's norms and adds as written
+    "graphs-no-layer-kernel": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
+                                      layer_kernel=False),
+    # the uncompiled loop with its own step inputs, Gemma's layers as written (norms fused)
+    "graphs-unfused-layers": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
+                                     fused_layers=False),
 }
 
 
@@ -100,13 +108,25 @@ def set_levers(variant: Variant) -> None:
     """Turns the decode loop's levers on or off for this process (bench only)."""
     from contextlib import nullcontext
 
-    from tunebench.generate import decode_attention, decode_norms, graph_decode
+    from tunebench.generate import (
+        decode_attention,
+        decode_fused_layers,
+        decode_masks,
+        decode_norms,
+        decode_rotary,
+        graph_decode,
+    )
 
     graph_decode.decode_attention = decode_attention.decode_attention if variant.grouped_attention else \
         (lambda model: nullcontext())
     graph_decode.GraphDecode.worth_compacting = WORTH_COMPACTING if variant.compaction else (lambda self: False)
     graph_decode.fused_norms = decode_norms.fused_norms if variant.fused_norms else (lambda model: nullcontext())
-    decode_attention.GROUPED_SDPA = variant.grouped_sdpa
+    graph_decode.fused_layers = decode_fused_layers.fused_layers if variant.fused_layers else \
+        (lambda model: nullcontext())
+    decode_fused_layers.LAYER = "Gemma3DecoderLayer" if variant.layer_kernel else "(layers as written)"
+    graph_decode.mask_kind = decode_masks.mask_kind if variant.step_inputs else (lambda model: None)
+    graph_decode.rotary_tables = decode_rotary.rotary_tables if variant.step_inputs else \
+        (lambda model, length, dtype: nullcontext())
 
 
 def build_generator(run: str, variant: Variant, max_new_tokens: int, batch_size: int | None,
@@ -146,6 +166,39 @@ def all_tasks(generator: Generator, tasks, repeats: int) -> tuple[dict, list[str
     return result, [a.text for a in answers]
 
 
+PHASES = {GraphDecode: ("start", "capture", "finished", "compact"), Generator: ("read_answers",)}
+
+
+def phase_times(generator: Generator, tasks) -> dict:
+    """One more pass over the tasks with the decode loop's phases timed, each ended by a sync (so the GPU
+    work queued before a phase counts as steps): the prompts' pass (start), capturing, the host's checks
+    (finished: stop strings, all done), dropping rows, reading the answers; steps: the rest of the wall."""
+    items = [[{"role": "user", "content": t.input}] for t in tasks]
+    totals = dict.fromkeys([name for names in PHASES.values() for name in names], 0.0)
+
+    def timing(name, real):
+        def timed_phase(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                sync()
+                totals[name] += time.perf_counter() - start
+        return timed_phase
+
+    reals = {(cls, name): getattr(cls, name) for cls, names in PHASES.items() for name in names}
+    for (cls, name), real in reals.items():
+        setattr(cls, name, timing(name, real))
+    try:
+        _, wall = timed(lambda: generator.generate(items))
+    finally:
+        for (cls, name), real in reals.items():
+            setattr(cls, name, real)
+    return {"phases_wall_s": wall, **{f"phase_{k}_s": v for k, v in totals.items()},
+            "phase_steps_s": wall - sum(totals.values())}
+
+
 def measure(name: str, args, tasks, out_dir: Path) -> dict:
     variant = VARIANTS[name]
     if torch.cuda.is_available():
@@ -157,6 +210,8 @@ def measure(name: str, args, tasks, out_dir: Path) -> dict:
     summary, texts = all_tasks(generator, tasks, 2 if variant.cuda_graphs else 1)
     row = {"variant": name, **vars(variant), "load_s": load_s, "device": device_name(), **summary,
            **one_prompt(generator, tasks[0], args.one_prompt_tokens)}
+    if args.phases and variant.cuda_graphs:
+        row.update(phase_times(generator, tasks))
     if torch.cuda.is_available():
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     (out_dir / f"answers-{name}.json").write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
@@ -235,6 +290,12 @@ def print_table(rows: list[dict]) -> None:
               f"{r.get('peak_gib', 0):>9.2f}")
     print("wall s, tok/s: the first pass over the tasks in the process (compiling included); 1 prompt tok/s: first/second "
           "call, after the tasks; differ: answers unlike the current path's")
+    timed_rows = [r for r in rows if "phases_wall_s" in r]
+    if timed_rows:
+        names = [k[len("phase_"):-2] for k in timed_rows[0] if k.startswith("phase_")]
+        print(f"\n{'phases of one more pass, s':<30}{'wall':>7}" + "".join(f"{n:>14}" for n in names))
+        for r in timed_rows:
+            print(f"{r['variant']:<30}{r['phases_wall_s']:>7.2f}" + "".join(f"{r[f'phase_{n}_s']:>14.3f}" for n in names))
 
 
 def main() -> None:
@@ -252,6 +313,8 @@ def main() -> None:
     parser.add_argument("--baseline-tasks", type=int, default=0, help="also time the course loop on N tasks")
     parser.add_argument("--out-dir", default="/tmp/generate-speed", help="JSON lines and answers files "
                         "(default: %(default)s; copied into $OUT when set)")
+    parser.add_argument("--phases", action="store_true", help="graph variants: one more pass over the tasks with "
+                        "the loop's phases timed (prompts, captures, host checks, steps)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny random model + adapter, 16 tokens, on CPU")
     parser.add_argument("--table", type=Path, metavar="JSONL", help="only print the table of an earlier call's lines")
     args = parser.parse_args()

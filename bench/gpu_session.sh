@@ -30,6 +30,9 @@
 #   qlora_defaults  the 13B shape with nothing set beside TRL, twice (GPUs swapped)
 #   norms       one GPU: the uncompiled decode loop with fused RMSNorms (decode step profile on random Gemma
 #               weights, then the real Gemma 3 270M + LoRA answering the tasks) against the norms as written
+#   inputs      one GPU: the decode loop's own masks, cache writes, rotary table, penalty by ids and Gemma's fused
+#               one-token layers against the loop before them (f7c5edb, /tmp/base): step profile, 100 tasks
+#   inputs_13b  one GPU: the 4-bit 13B shape answering the tasks, the loop now and before (f7c5edb)
 #   graphs      one GPU each: tunebench's captured decode loop (generate.cuda_graphs) against transformers'
 #               generate; GPU 0 Gemma 3 270M (random weights first, then the real model + LoRA once its GGUF
 #               pieces are here), GPU 1 the 4-bit llm-jp-3-13b shape answering the tasks
@@ -340,8 +343,35 @@ norms() {  # one GPU: the uncompiled decode loop with fused RMSNorms against the
   step nr_generate 400 "${gen[@]}" --variants merged+stops+graphs graphs-unfused-norms merged+stops+graphs+compile \
     --out-dir $S/generate-gemma
   # a new process, the other order: the first variant in a process pays its CUDA start-up
-  step nr_generate_swapped 300 "${gen[@]}" --variants graphs-unfused-norms merged+stops+graphs graphs-grouped-sdpa \
+  step nr_generate_swapped 300 "${gen[@]}" --variants graphs-unfused-norms merged+stops+graphs \
     --out-dir $S/generate-gemma-swapped
+}
+
+inputs() {  # one GPU: the loop's own step inputs (masks, cache writes, rotary table, penalty by ids) and Gemma's fused
+  # one-token layers against the loop before them (commit f7c5edb's src and bench, unpacked in /tmp/base)
+  local run=/tmp/bench-speed/gemma-lora+compile=false-512
+  local now=(python3 bench/generate_speed.py --tasks /tmp/tv.jsonl --run $run)
+  local before=(python3 /tmp/base/bench/generate_speed.py --tasks /tmp/tv.jsonl --run $run)
+  random_gemma_run in_random_train
+  step in_profile 400 python3 bench/decode_profile.py --run /tmp/bench-speed/gemmarandom-lora+compile=false-512
+  real_gemma_run || return
+  # four processes, now and before alternating: the first pass of a process pays its CUDA start-up; the first
+  # process compiles decode_kernels' Triton kernel into a fresh cache (as on a new machine), the second reuses it
+  export TRITON_CACHE_DIR=/tmp/triton-cache-generate
+  step in_now 300 "${now[@]}" --phases --variants merged+stops+graphs graphs-no-layer-kernel graphs-unfused-layers \
+    --out-dir $S/generate-now
+  step in_before 200 "${before[@]}" --variants merged+stops+graphs --out-dir $S/generate-before
+  step in_now_swapped 300 "${now[@]}" --variants graphs-no-layer-kernel merged+stops+graphs --out-dir $S/generate-now-swapped
+  step in_before_again 200 "${before[@]}" --variants merged+stops+graphs --out-dir $S/generate-before-again
+}
+
+inputs_13b() {  # one GPU: the 4-bit llm-jp-3-13b shape + LoRA (random weights) answering the tasks, now and before
+  local run=/tmp/bench-speed/llmjp13b-qlora+compile=false-512
+  local args=(--tasks /tmp/tv.jsonl --run $run --fold-ids 99487 --one-prompt-tokens 64 --variants merged+stops+graphs)
+  step in_13b_train 500 python3 bench/train_speed.py --model llmjp13b --method qlora --variant tunebench \
+    --steps 5 --set train.compile=false --results $S/train_speed.jsonl
+  step in_13b_now 300 python3 bench/generate_speed.py "${args[@]}" --out-dir $S/generate-13b-now
+  step in_13b_before 300 python3 /tmp/base/bench/generate_speed.py "${args[@]}" --out-dir $S/generate-13b-before
 }
 
 collect() {

@@ -19,18 +19,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 NAME = "tunebench_decode"
-# One SDPA call on the grouped query (its query heads as positions that share the key/value head and the
-# mask) in place of the explicit matmul-softmax-matmul below: one kernel where a fused SDPA backend takes the
-# mask and head size, and float32 scores inside it. Not measured on a GPU yet (bench/generate_speed.py
-# variant graphs-grouped-sdpa, bench/decode_profile.py), hence off.
-GROUPED_SDPA = False
 
 
 def grouped_decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                              softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query (rows, heads, 1, dim); key, value (rows, kv_heads, length, dim); attention_mask (rows, 1, 1,
-    length) bool or None. Returns (rows, 1, heads, dim), as transformers' attention functions do."""
+    length) bool (True: attend), additive (0 or -inf) or None. Returns (rows, 1, heads, dim), as
+    transformers' attention functions do."""
     rows, heads, positions, dim = query.shape
     if positions != 1 or (module.training and dropout):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
@@ -40,18 +36,12 @@ def grouped_decode_attention(module, query: torch.Tensor, key: torch.Tensor, val
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     # query head h uses key/value head h // group (transformers' repeat_kv order)
     grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)
-    if GROUPED_SDPA and softcap is None:
-        if attention_mask is not None and attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask.to(query.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
-                                                               scale=scaling)
-        return out.reshape(rows, 1, heads, dim), None
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (dim ** -0.5 if scaling is None else scaling)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask.bool(), float("-inf")) if attention_mask.dtype == torch.bool \
-            else scores + attention_mask.float()
+            else scores + attention_mask.float()  # additive (decode_masks.py's: float32, no cast)
     out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # (rows, kv_heads, group, dim)
     return out.reshape(rows, 1, heads, dim), None
 
@@ -62,16 +52,16 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 @contextmanager
 def decode_attention(model):
-    """Runs the model's sdpa attention layers through grouped_decode_attention inside the block. Only
-    the text model's config is switched (transformers' setter would carry a top-level value into every
-    sub-config, a vision tower's included, and back)."""
+    """Runs the model's sdpa attention layers through grouped_decode_attention inside the block, which
+    gets whether they were switched. Only the text model's config is switched (transformers' setter
+    would carry a top-level value into every sub-config, a vision tower's included, and back)."""
     config = model.config.get_text_config()
     before = config._attn_implementation
     if before != "sdpa":
-        yield
+        yield False
         return
     config._attn_implementation = NAME
     try:
-        yield
+        yield True
     finally:
         config._attn_implementation = before

@@ -14,11 +14,10 @@ the decode loop runs (`fused_norms`), like decode_attention.
 
 from __future__ import annotations
 
-import types
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
+
+from tunebench.generate.switched import switched_forwards
 
 
 def gemma_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,24 +39,17 @@ NORMS = {
 }
 
 
-@contextmanager
 def fused_norms(model):
     """Inside the block, the model's known RMSNorm modules run through F.rms_norm; restored after."""
-    switched = []
-    try:
+    def choices():
         for module in model.modules():
             forward = NORMS.get(type(module).__name__)
             if forward is None or not stock(module) or "forward" in vars(module):
                 continue
-            if forward is gemma_norm:
-                module.fused_scale = 1.0 + module.weight.float()  # read by every step; weights fixed while decoding
-            module.forward = types.MethodType(forward, module)
-            switched.append(module)
-        yield len(switched)
-    finally:
-        for module in switched:
-            del module.forward
-            vars(module).pop("fused_scale", None)
+            # (1 + weight) once: read by every step, the weights being fixed while decoding
+            yield module, forward, {"fused_scale": 1.0 + module.weight.float()} if forward is gemma_norm else {}
+
+    return switched_forwards(choices())
 
 
 def stock(module) -> bool:

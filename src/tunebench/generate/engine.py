@@ -64,10 +64,11 @@ def clean_answer(text: str, stops: list[str]) -> tuple[str, bool]:
 # which fusing cuts (Gemma 3 270M: 2.7 → 1.5 ms a step, norms already fused); a 13B-class step is bound
 # by memory traffic, and compiling only adds its time (the 4-bit llm-jp-3-13b shape: no faster, 7 s more).
 COMPILE_BELOW_PARAMETERS = 3_000_000_000
-# ... and only for jobs this long: compiling costs 5-12 s before the first token (inductor's disk cache
-# warm or not) and then saves ~0.05 ms a token (H100, Gemma 3 270M), so it pays from ~100k-240k new
-# tokens, about this many prompts of ELYZA-tasks-100's kind (~90 tokens an answer). docs/PERFORMANCE.md
-COMPILE_FROM_PROMPTS = 2000
+# ... and only for jobs this long: compiling costs 5-12 s before the first token (inductor's disk cache warm or
+# not); once compiled, a step of 100 rows takes 1.82 ms against the uncompiled loop's 2.23 (H100, Gemma 3 270M,
+# fused layers and Triton norms: docs/PERFORMANCE.md), ~0.2 s saved per batch of 100 prompts answered to 512
+# tokens, so it pays from ~2,500-6,000 prompts: the fresh machine's figure.
+COMPILE_FROM_PROMPTS = 6000
 
 
 def compiles_decode(setting: str | bool, device: torch.device, parameters: int = 0, prompts: int = 1) -> bool:

@@ -14,8 +14,12 @@ the attention mask over absolute positions), so a step's work does not depend on
 has got. Each new token's attention reads each key/value head once (decode_attention.py); with
 `compile`, the step's decoder layers are torch.compile'd (decode_compile.py), which fuses their
 many small kernels (the kernel count, not the weights, sets a small model's step time); uncompiled,
-the RMSNorms at least run as one fused kernel each (decode_norms.py). Finished
-rows are dropped from the batch once few rows are left (`compact`). On CPU (tests; `cuda_graphs: true`
+the RMSNorms at least run as one fused kernel each (decode_norms.py). What transformers recomputes
+for every forward the loop keeps itself: the attention masks (decode_masks.py, from the slots each
+row attends to), the cache slot each step writes (`slot_writes`), cos/sin by position
+(decode_rotary.py), and the tokens of each row for the repetition penalty (`history`, read at those
+ids only, not across the vocabulary). Finished rows are dropped from the batch once few rows are
+left (`compact`). On CPU (tests; `cuda_graphs: true`
 without a GPU) the same step runs without a graph; greedy answers equal transformers' generate token
 for token (tests/generate/test_graph_decode.py).
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,7 +37,10 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from tunebench.generate.decode_attention import decode_attention
 from tunebench.generate.decode_compile import compiled_decode_layers, eager_cache_update
+from tunebench.generate.decode_fused_layers import fused_layers
+from tunebench.generate.decode_masks import StepMasks, mask_kind
 from tunebench.generate.decode_norms import fused_norms
+from tunebench.generate.decode_rotary import rotary_tables
 from tunebench.train.wrapped import causal_lm
 
 # One run at a time in a process: a run switches the shared model's attention and layer calls (serve
@@ -65,10 +73,12 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(type(causal_lm(model)).forward).parameters else "past_key_values"
 
 
-def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def penalize_repeats(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' repetition penalty: a token already in the row has its logit divided by `penalty`
-    (multiplied where negative). logits: (rows, vocab) float; seen: (rows, vocab) bool."""
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    (multiplied where negative). logits: (rows, vocab) float, changed in place; history: (rows, n) the
+    rows' token ids (repeats allowed). Reads and writes only those n columns of each row, not the vocab."""
+    picked = logits.gather(1, history)
+    return logits.scatter_(1, history, torch.where(picked < 0, picked * penalty, picked / penalty))
 
 
 def sample(logits: torch.Tensor, s: DecodeSettings) -> torch.Tensor:
@@ -105,23 +115,26 @@ class GraphDecode:
         device = next(model.parameters()).device
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         rows, width = len(prompts), max(len(p) for p in prompts)
-        self.width = width
-        self.cache = static_cache(model, width + settings.max_new_tokens)
+        self.width, slots = width, width + settings.max_new_tokens  # the cache's slots
+        self.cache = static_cache(model, slots)
         self.cache_argument = cache_argument(model)
-        if compile:
-            eager_cache_update(self.cache)
         pad = settings.pad_id
-        self.prompt = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        # Attention over the whole cache: the prompt's real tokens, then each new token as it is fed.
-        self.mask = torch.zeros(rows, width + settings.max_new_tokens, dtype=torch.long, device=device)
+        prompt = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        # Each row's tokens by cache slot: the left-padded prompt, then each new token as it is chosen. Slots not
+        # chosen yet hold the row's first token, already in the row (the repetition penalty reads every slot).
+        self.history = torch.cat([prompt, prompt[:, :1].expand(rows, slots - width)], 1)
+        # The cache slots each row attends to: the prompt's real tokens, then each new token as it is fed.
+        self.mask = torch.zeros(rows, slots, dtype=torch.bool, device=device)
         for row, p in enumerate(prompts):
-            self.mask[row, width - len(p) : width] = 1
+            self.mask[row, width - len(p) : width] = True
         self.positions = torch.tensor([[len(p)] for p in prompts], device=device)  # of the next token fed
         self.tokens = torch.full((rows, 1), pad, device=device)  # the newest token of each row
-        self.generated = torch.full((rows, settings.max_new_tokens), pad, device=device)
-        self.answers = self.generated.clone()  # every row's new tokens; `generated`: the rows still decoding
+        self.answers = torch.full((rows, settings.max_new_tokens), pad, device=device)  # every row's new tokens
         self.rows = torch.arange(rows, device=device)  # which of the batch's rows each buffer row is
-        self.step = torch.zeros(1, dtype=torch.long, device=device)  # index of the next new token
+        # one add a step moves all three: the index of the next new token, the cache slot it is written to,
+        # and the slot of the token being fed (the one chosen last)
+        self.counters = torch.tensor([0, width, width - 1], device=device)
+        self.step, self.slot, self.fed = self.counters[0:1], self.counters[1:2], self.counters[2:3]
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.eos = torch.tensor(settings.eos_ids, device=device)
         self.end_columns = None
@@ -129,11 +142,12 @@ class GraphDecode:
             vocab = model.get_output_embeddings().weight.shape[0]
             self.end_columns = torch.zeros(vocab, dtype=torch.bool, device=device)
             self.end_columns[[i for i in settings.eos_ids if 0 <= i < vocab]] = True
-        self.seen = None
-        if settings.repetition_penalty != 1.0:  # transformers penalises every id in the row, pads included
-            vocab = model.get_output_embeddings().weight.shape[0]
-            self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
-            self.seen.scatter_(1, self.prompt, True)
+        self.masks = None  # StepMasks where the model takes the loop's own masks (set by run)
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """The new tokens of the rows still decoding, by step (a view: pad after a row ended)."""
+        return self.history[:, self.width :]
 
     def choose(self, logits: torch.Tensor) -> None:
         """Picks each row's next token from its logits (rows, vocab) and records it; a finished row gets pad."""
@@ -141,31 +155,44 @@ class GraphDecode:
         logits = logits.float()
         if self.end_columns is not None:
             logits = logits.masked_fill(self.end_columns & (self.step < s.min_new_tokens), float("-inf"))
-        if self.seen is not None:
-            logits = penalize_repeats(logits, self.seen, s.repetition_penalty)
+        if s.repetition_penalty != 1.0:
+            logits = penalize_repeats(logits, self.history, s.repetition_penalty)
         chosen = sample(logits, s) if s.do_sample else logits.argmax(-1)
         chosen = torch.where(self.done, s.pad_id, chosen)
         self.done |= torch.isin(chosen, self.eos)
-        self.generated.index_copy_(1, self.step, chosen[:, None])
-        if self.seen is not None:
-            self.seen.scatter_(1, chosen[:, None], True)
+        self.history.index_copy_(1, self.slot, chosen[:, None])
         self.tokens.copy_(chosen[:, None])
-        self.mask.index_fill_(1, self.step + self.width, 1)  # the cache slot this token is fed into
-        self.step += 1
+        self.mask.index_fill_(1, self.slot, True)  # the cache slot this token is fed into
+        self.counters += 1
 
     def forward_newest(self) -> None:
         """One decode step: the newest token of every row through the model, then the next token."""
-        out = self.model(input_ids=self.tokens, attention_mask=self.mask, position_ids=self.positions,
+        masks = self.masks(self.mask, self.fed) if self.masks is not None else self.mask.long()
+        out = self.model(input_ids=self.tokens, attention_mask=masks, position_ids=self.positions,
                          use_cache=True, logits_to_keep=1, **{self.cache_argument: self.cache})
         self.positions += 1
         self.choose(out.logits[:, -1])
 
     def prefill(self) -> None:
-        positions = (self.mask[:, : self.width].cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=self.prompt, attention_mask=self.mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **{self.cache_argument: self.cache})
+        positions = (self.mask[:, : self.width].long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=self.history[:, : self.width], attention_mask=self.mask.long(),
+                         position_ids=positions, use_cache=True, logits_to_keep=1,
+                         **{self.cache_argument: self.cache})
         self.choose(out.logits[:, -1])
-        self.prompt = None  # not needed any more
+
+    def slot_writes(self) -> Callable:
+        """The cache's update for the decode steps: the fed token's key and value into its slot (the cache's
+        own update also counts the positions it has filled: five kernels a layer where these are two). Holds
+        the cache's layers and the slot, not the loop: no reference cycle keeps a finished batch's cache."""
+        layers, fed = self.cache.layers, self.fed
+
+        def write_fed(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+            layer = layers[layer_idx]
+            layer.keys.index_copy_(2, fed, key_states)
+            layer.values.index_copy_(2, fed, value_states)
+            return layer.keys, layer.values
+
+        return write_fed
 
     def capture(self) -> Callable[[], None]:
         """The decode step as a replayable CUDA graph; runs one real step first (warm-up on a side
@@ -180,18 +207,18 @@ class GraphDecode:
             self.forward_newest()
         return graph.replay
 
-    def compact(self) -> None:
+    def compact(self, new: int) -> None:
         """Drops the finished rows from the cache and every per-row buffer (their answers are kept):
         a step's memory traffic follows its rows, and the last long answers would otherwise run at
         the cost of the whole batch."""
         keep = (~self.done).nonzero().flatten()
-        self.answers[self.rows] = self.generated
+        self.answers[self.rows, :new] = self.generated[:, :new]  # later columns: pad (the slots not chosen yet
+        # hold the row's first token)
         self.rows = self.rows[keep]
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[keep], layer.values[keep]
-        for name in ("tokens", "positions", "mask", "generated", "done", "seen"):
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name)[keep])
+        for name in ("tokens", "positions", "mask", "history", "done"):
+            setattr(self, name, getattr(self, name)[keep])
         self.compactions += 1
 
     def worth_compacting(self) -> bool:
@@ -207,15 +234,38 @@ class GraphDecode:
                 self.done[hits] = True
         return bool(self.done.all())
 
+    @contextmanager
+    def running(self):
+        """The model as the loop runs it (see the module's docstring); restored after the block."""
+        dtype = self.model.get_input_embeddings().weight.dtype
+        with RUN_LOCK, ExitStack() as stack:
+            own_attention = stack.enter_context(decode_attention(self.model))
+            stack.enter_context(rotary_tables(self.model, self.mask.shape[1], dtype))
+            stack.enter_context(compiled_decode_layers(self.model) if self.compile else fused_norms(self.model))
+            kind = mask_kind(self.model) if own_attention else None
+            if kind is not None:
+                self.masks = StepMasks(self.model, kind, self.mask.shape[1], self.mask.device)
+                if not self.compile:  # the layers' own fused one-token forwards write the cache by slot_writes
+                    stack.enter_context(fused_layers(self.model))
+            yield
+
+    def start(self) -> None:
+        """The prompts' pass; after it the decode steps write the cache themselves where the loop builds
+        the masks (the cache's own update counts positions, which nothing then reads)."""
+        self.prefill()
+        if self.masks is not None:
+            self.cache.update = self.slot_writes()
+        if self.compile:
+            eager_cache_update(self.cache)
+
     @torch.no_grad()
     def run(self) -> list[list[int]]:
-        with RUN_LOCK, decode_attention(self.model), \
-                (compiled_decode_layers(self.model) if self.compile else fused_norms(self.model)):
+        with self.running():
             return self.decode()
 
     def decode(self) -> list[list[int]]:
         limit = self.settings.max_new_tokens
-        self.prefill()
+        self.start()
         new = 1
         step = self.forward_newest
         if new < limit and self.finished(new):  # every row ended at its first token
@@ -228,7 +278,7 @@ class GraphDecode:
                 if self.finished(new):
                     break
                 if self.worth_compacting():
-                    self.compact()
+                    self.compact(new)
                     if self.use_graph:  # a graph for the fewer rows; the old one is freed with `step`
                         step = self.capture()
                         new += 1

@@ -1,0 +1,151 @@
+"""Gemma 3's attention and MLP for the one-token decode step, in fewer kernels (uncompiled loop).
+
+Per layer, transformers' Gemma 3 attention runs three projections, two RMSNorms (queries, keys) of
+three kernels each once fused (decode_norms.py), and rotary embeddings of five kernels for the
+queries and five for the keys (rotate_half: a negation and a concatenation); its MLP two
+projections into the same input. With the step captured as a CUDA graph each kernel costs a few
+microseconds whatever its size, and these are 30 of a layer's ~50. Here, for one query position:
+
+- the query, key and value projections are one matmul on their weights stacked (and gate and up
+  likewise), copied once per run; a model of FUSE_BELOW_PARAMETERS or more keeps its layers (its
+  step is bound by reading the weights, and the copy would cost memory);
+- queries and keys are normalised together: one float cast, one rms_norm without weight, one
+  multiply by both norms' (1 + weight), one cast back, as the model computes each apart;
+- their rotary embedding together: q·cos + roll(q, half)·sin_signed, where sin_signed is sin with
+  its first half negated (rotate_half(q)·sin, since -a·b = a·-b exactly), in the model's dtype.
+
+The arithmetic is the model's own, in its order; in fp64 on CPU the answers equal transformers'
+(tests/generate/test_decode_fused_layers.py). Only transformers' own Gemma 3 classes with plain
+Linear projections are switched, only while the decode loop runs, and only for calls of one
+position (the prompt's pass runs as written).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunebench.generate.decode_attention import NAME, grouped_decode_attention
+from tunebench.generate.decode_kernels import norm_add_norm
+from tunebench.generate.switched import switched_forwards
+
+FUSE_BELOW_PARAMETERS = 1_000_000_000
+ATTENTION, MLP, LAYER = "Gemma3Attention", "Gemma3MLP", "Gemma3DecoderLayer"
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
+def plain(*linears) -> bool:
+    return all(type(m) is nn.Linear for m in linears)
+
+
+def stacked(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([m.weight for m in linears])
+    biases = [m.bias for m in linears]
+    return weight, (torch.cat(biases) if all(b is not None for b in biases) else None)
+
+
+class SignedSin:
+    """sin with its first half negated, made once per sin tensor (the model makes one per layer type and
+    forward, and every layer of that type gets the same tensor)."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device):
+        self.sign = torch.ones(dim, dtype=dtype, device=device)
+        self.sign[: dim // 2] = -1
+        self.last: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sin, signed), held: `is` stays sound
+
+    def __call__(self, sin: torch.Tensor) -> torch.Tensor:
+        for seen, signed in self.last:
+            if seen is sin:
+                return signed
+        signed = sin * self.sign.to(sin.dtype)
+        self.last = (self.last + [(sin, signed)])[-4:]
+        return signed
+
+
+def one_token_attention(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                        *args, **kwargs):
+    if hidden_states.shape[1] != 1 or self.training or self.config._attn_implementation != NAME:
+        return self.unfused_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    rows, heads, kv_heads, dim = hidden_states.shape[0], self.config.num_attention_heads, \
+        self.config.num_key_value_heads, self.head_dim
+    qkv = F.linear(hidden_states, self.fused_weight, self.fused_bias)  # (rows, 1, (heads + 2 kv_heads) dim)
+    qk = qkv[..., : (heads + kv_heads) * dim].view(rows, 1, heads + kv_heads, dim)
+    qk = (F.rms_norm(qk.float(), (dim,), None, self.q_norm.eps) * self.qk_scale).to(hidden_states.dtype)
+    cos, sin = position_embeddings  # (rows, 1, dim)
+    cos, sin = cos[:, :, None], self.signed_sin(sin)[:, :, None]
+    qk = qk * cos + qk.roll(dim // 2, -1) * sin
+    query, key = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
+    value = qkv[..., (heads + kv_heads) * dim :].view(rows, 1, kv_heads, dim).transpose(1, 2)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    key, value = cache.update(key, value, self.layer_idx)
+    out, _ = grouped_decode_attention(self, query, key, value, attention_mask, scaling=self.scaling,
+                                      softcap=self.attn_logit_softcapping)
+    return self.o_proj(out.reshape(rows, 1, -1)), None
+
+
+def one_token_layer(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Gemma 3's decoder layer: its four RMSNorms and two residual adds as three norm_add_norm calls."""
+    if hidden_states.shape[1] != 1:
+        return self.unfused_forward(hidden_states, *args, **kwargs)
+    scales, eps = self.norm_scales, self.input_layernorm.eps
+    normed, _ = norm_add_norm(hidden_states, scales[0], eps)
+    attended, _ = self.self_attn(normed, *args, **kwargs)
+    residual, normed = norm_add_norm(attended, scales[1], eps, hidden_states, scales[2])
+    out, _ = norm_add_norm(self.mlp(normed), scales[3], eps, residual)
+    return out
+
+
+def one_token_mlp(self, x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] != 1:
+        return self.unfused_forward(x)
+    gate, up = F.linear(x, self.fused_weight, self.fused_bias).chunk(2, dim=-1)
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+def switchable(module) -> bool:
+    name = type(module).__name__
+    if name not in (ATTENTION, MLP, LAYER) or not type(module).__module__.startswith("transformers.models.") or \
+            "forward" in vars(module):
+        return False
+    if name == LAYER:
+        norms = [getattr(module, n, None) for n in LAYER_NORMS]
+        return all(type(n).__name__ == "Gemma3RMSNorm" for n in norms) and len({n.eps for n in norms}) == 1 and \
+            switchable(module.self_attn) and switchable(module.mlp)
+    if name == MLP:
+        return plain(module.gate_proj, module.up_proj)
+    norms = [getattr(module, "q_norm", None), getattr(module, "k_norm", None)]
+    return plain(module.q_proj, module.k_proj, module.v_proj) and \
+        all(type(n).__name__ == "Gemma3RMSNorm" for n in norms) and norms[0].eps == norms[1].eps
+
+
+def fused_layers(model):
+    """Inside the block, the model's Gemma 3 attention and MLP modules run one-position calls fused (see
+    the module's docstring), for a model of fewer than FUSE_BELOW_PARAMETERS parameters; restored after.
+    The decode step's cache must take `update(key, value, layer_idx)` (GraphDecode.slot_writes)."""
+    def choices():
+        if sum(p.numel() for p in model.parameters()) >= FUSE_BELOW_PARAMETERS:
+            return
+        # layers first: a layer is switched only while its attention and MLP are still as written
+        for module in sorted(model.modules(), key=lambda m: type(m).__name__ != LAYER):
+            if switchable(module):
+                with torch.no_grad():
+                    yield module, *fused_forward(module)
+
+    return switched_forwards(choices())
+
+
+def fused_forward(module) -> tuple:
+    """(the fused forward, the attributes it reads) for a switchable module."""
+    kind, own = type(module).__name__, {"unfused_forward": module.forward}
+    if kind == LAYER:
+        return one_token_layer, {**own, "norm_scales": [1.0 + getattr(module, n).weight.float() for n in LAYER_NORMS]}
+    if kind == MLP:
+        return one_token_mlp, {**own, **dict(zip(("fused_weight", "fused_bias"),
+                                                 stacked(module.gate_proj, module.up_proj)))}
+    weight, bias = stacked(module.q_proj, module.k_proj, module.v_proj)
+    heads, kv_heads = module.config.num_attention_heads, module.config.num_key_value_heads
+    scale = torch.cat([(1.0 + module.q_norm.weight.float()).expand(heads, -1),
+                       (1.0 + module.k_norm.weight.float()).expand(kv_heads, -1)])
+    return one_token_attention, {**own, "fused_weight": weight, "fused_bias": bias, "qk_scale": scale,
+                                 "signed_sin": SignedSin(module.head_dim, weight.dtype, weight.device)}
