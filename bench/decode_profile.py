@@ -61,6 +61,8 @@ def kernel_check() -> None:
             differ = (a != b).float().mean().item()
             ulps = ((a.float() - b.float()).abs() / b.float().abs().clamp(min=1e-30)).max().item() * 2 ** 8
             print(f"kernel check {label:<14} {name}: {differ:.2%} of elements differ, largest by {ulps:.2f} bf16 ulp")
+            if ulps > 1:
+                raise SystemExit(f"decode_kernels' Triton kernel is off its reference by {ulps:.2f} bf16 ulp")
 
 
 def main() -> None:

@@ -72,7 +72,9 @@ def test_the_loop_masks_and_cache_writes_give_transformers_logits_on_llama(token
 def test_masks_are_left_to_transformers_where_the_loop_does_not_know_the_model(tokenizer):
     mistral = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
-    model = type("Model", (), {"config": mistral})()
+    from transformers import MistralForCausalLM
+
+    model = MistralForCausalLM(mistral)
     assert mask_kind(model) is None  # a sliding window the dict of masks cannot carry to it
     mistral.sliding_window = None
     assert mask_kind(model) == "tensor"
@@ -80,6 +82,11 @@ def test_masks_are_left_to_transformers_where_the_loop_does_not_know_the_model(t
     assert mask_kind(gemma) == "dict"
     gemma.config.use_bidirectional_attention = True
     assert mask_kind(gemma) is None
+    from transformers import FalconConfig, FalconForCausalLM  # its ALiBi reads the 2-D padding mask
+
+    falcon = FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                            alibi=True))
+    assert mask_kind(falcon) is None
 
 
 @pytest.mark.parametrize("kind", ["gemma", "llama", "llama-dynamic"])
@@ -188,3 +195,16 @@ def test_norm_add_norm_rounds_where_the_gemma_layer_does(tokenizer, dtype):
         assert torch.equal(summed, summed_expected) and torch.equal(normed, normed_expected)
         alone, none = norm_add_norm(x, scale(post), post.eps)  # on CPU: the reference
         assert torch.equal(alone, post(x)) and none is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on a CUDA GPU (bench/decode_profile.py)")
+def test_the_triton_kernel_equals_its_reference():
+    from tunebench.generate.decode_kernels import reference, triton_norm_add_norm
+
+    torch.manual_seed(0)
+    x, residual = (torch.randn(100, 1, 640, device="cuda", dtype=torch.bfloat16) * s for s in (3, 10))
+    s1, s2 = (1 + torch.randn(640, device="cuda") * 0.5 for _ in range(2))
+    for args in ((x, s1, 1e-6), (x, s1, 1e-6, residual), (x, s1, 1e-6, residual, s2)):
+        for got, expected in zip(triton_norm_add_norm(*args), reference(*args)):
+            if expected is not None:
+                torch.testing.assert_close(got, expected, rtol=2 ** -7, atol=0)  # within one bf16 rounding

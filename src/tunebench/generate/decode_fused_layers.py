@@ -15,7 +15,7 @@ microseconds whatever its size, and these are 30 of a layer's ~50. Here, for one
   its first half negated (rotate_half(q)·sin, since -a·b = a·-b exactly), in the model's dtype.
 
 The arithmetic is the model's own, in its order; in fp64 on CPU the answers equal transformers'
-(tests/generate/test_decode_fused_layers.py). Only transformers' own Gemma 3 classes with plain
+(tests/generate/test_decode_step_inputs.py). Only transformers' own Gemma 3 classes with plain
 Linear projections are switched, only while the decode loop runs, and only for calls of one
 position (the prompt's pass runs as written).
 """
@@ -30,19 +30,22 @@ from tunebench.generate.decode_attention import NAME, grouped_decode_attention
 from tunebench.generate.decode_kernels import norm_add_norm
 from tunebench.generate.switched import switched_forwards
 
-FUSE_BELOW_PARAMETERS = 1_000_000_000
+# the stacked copies (~40% of a layer's weights) are made again for each batch: small models only, whose step
+# is bound by kernel count (Gemma 3 270M: ~0.1 GB)
+FUSE_BELOW_PARAMETERS = 600_000_000
 ATTENTION, MLP, LAYER = "Gemma3Attention", "Gemma3MLP", "Gemma3DecoderLayer"
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
 def plain(*linears) -> bool:
-    return all(type(m) is nn.Linear for m in linears)
+    """Plain Linear layers (not peft's or bitsandbytes' subclasses), with a bias on all of them or none."""
+    return all(type(m) is nn.Linear for m in linears) and len({m.bias is None for m in linears}) == 1
 
 
 def stacked(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     weight = torch.cat([m.weight for m in linears])
     biases = [m.bias for m in linears]
-    return weight, (torch.cat(biases) if all(b is not None for b in biases) else None)
+    return weight, (torch.cat(biases) if biases[0] is not None else None)
 
 
 class SignedSin:
@@ -79,8 +82,8 @@ def one_token_attention(self, hidden_states: torch.Tensor, position_embeddings=N
     value = qkv[..., (heads + kv_heads) * dim :].view(rows, 1, kv_heads, dim).transpose(1, 2)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     key, value = cache.update(key, value, self.layer_idx)
-    out, _ = grouped_decode_attention(self, query, key, value, attention_mask, scaling=self.scaling,
-                                      softcap=self.attn_logit_softcapping)
+    # no softcap: transformers' Gemma 3 attention passes none to its attention function either
+    out, _ = grouped_decode_attention(self, query, key, value, attention_mask, scaling=self.scaling)
     return self.o_proj(out.reshape(rows, 1, -1)), None
 
 
@@ -126,16 +129,20 @@ def fused_layers(model):
     def choices():
         if sum(p.numel() for p in model.parameters()) >= FUSE_BELOW_PARAMETERS:
             return
+        signed_sin = None  # one for all layers: each layer type's sin of a step is signed once
         # layers first: a layer is switched only while its attention and MLP are still as written
         for module in sorted(model.modules(), key=lambda m: type(m).__name__ != LAYER):
             if switchable(module):
+                if type(module).__name__ == ATTENTION and signed_sin is None:
+                    weight = module.q_proj.weight
+                    signed_sin = SignedSin(module.head_dim, weight.dtype, weight.device)
                 with torch.no_grad():
-                    yield module, *fused_forward(module)
+                    yield module, *fused_forward(module, signed_sin)
 
     return switched_forwards(choices())
 
 
-def fused_forward(module) -> tuple:
+def fused_forward(module, signed_sin: SignedSin | None) -> tuple:
     """(the fused forward, the attributes it reads) for a switchable module."""
     kind, own = type(module).__name__, {"unfused_forward": module.forward}
     if kind == LAYER:
@@ -148,4 +155,4 @@ def fused_forward(module) -> tuple:
     scale = torch.cat([(1.0 + module.q_norm.weight.float()).expand(heads, -1),
                        (1.0 + module.k_norm.weight.float()).expand(kv_heads, -1)])
     return one_token_attention, {**own, "fused_weight": weight, "fused_bias": bias, "qk_scale": scale,
-                                 "signed_sin": SignedSin(module.head_dim, weight.dtype, weight.device)}
+                                 "signed_sin": signed_sin}

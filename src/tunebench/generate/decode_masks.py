@@ -9,23 +9,30 @@ table, the sliding-window mask the same limited to the last `sliding_window` slo
 token's (transformers' window: key slot > query slot - window). Both are made additive (0 or -inf,
 in float32, the scores' dtype in decode_attention.py) once a step, not per layer.
 
-transformers takes such masks as they are: a 4-D mask is used as given (masking_utils returns it
-unchanged), and the models in DICT_MASKS take a dict of one mask per layer type. A model with
-sliding-window layers outside DICT_MASKS keeps transformers' masks (`mask_kind` is None).
+transformers takes such masks as they are: the models in TENSOR_MASKS use a 4-D mask as given
+(masking_utils returns it unchanged), those in DICT_MASKS take a dict of one mask per layer type. Any
+other model keeps transformers' masks (`mask_kind` is None): some read the 2-D padding mask for more
+than masking (Falcon's ALiBi).
 """
 
 from __future__ import annotations
 
 import torch
 
+from tunebench.train.wrapped import causal_lm
+
 # model_type → its forward takes {layer type: mask} as attention_mask (transformers 5.x modeling files)
 DICT_MASKS = {"gemma2", "gemma3", "gemma3_text", "qwen2", "qwen3"}
+# ... or uses the one 4-D mask it is given for every layer, and the 2-D padding mask for nothing else
+TENSOR_MASKS = {"llama", "gemma", "mistral"}
 LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
 def mask_kind(model) -> str | None:
     """"dict" (one mask per layer type), "tensor" (one 4-D mask for every layer) or None (transformers
-    builds the masks: a model this module does not know to take them)."""
+    builds the masks: a model this module does not know to take them, remote code's included)."""
+    if not type(causal_lm(model)).__module__.startswith("transformers.models."):
+        return None
     config = model.config.get_text_config()
     layer_types = set(getattr(config, "layer_types", None) or [])
     sliding = "sliding_attention" in layer_types or getattr(config, "sliding_window", None) is not None
@@ -33,7 +40,7 @@ def mask_kind(model) -> str | None:
         return None
     if config.model_type in DICT_MASKS and layer_types <= LAYER_TYPES and layer_types:
         return "dict"
-    if not sliding and layer_types <= {"full_attention"}:
+    if config.model_type in TENSOR_MASKS and not sliding and layer_types <= {"full_attention"}:
         return "tensor"
     return None
 

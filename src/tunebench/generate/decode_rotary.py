@@ -6,9 +6,10 @@ a concatenation, cos, sin, scaling and casts: about ten kernels per layer type a
 values that depend on the position only. Inside `rotary_tables` the model's rotary modules compute
 cos/sin once for every position of the loop's cache, by their own forward, and each step indexes
 that table (one kernel each for cos and sin). Each value is the model's own cos/sin of that
-position, computed by the same code on a longer tensor. Only transformers' own rotary classes with
-frequencies that do not change with the sequence length (ROPE_TYPES; dynamic and longrope
-scaling do) are switched, and only inside the block.
+position, computed by the same code on a longer tensor. Only the text decoder's own rotary module,
+of transformers' classes, with frequencies that do not change with the sequence length (ROPE_TYPES;
+dynamic and longrope scaling do) and one position axis (not mrope) is switched, and only inside the
+block.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import inspect
 import torch
 
 from tunebench.generate.switched import switched_forwards
+from tunebench.train.wrapped import causal_lm
 
 # rope_type values whose inverse frequencies are fixed at init (transformers' modeling_rope_utils)
 ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
@@ -32,6 +34,13 @@ def switchable(module) -> bool:
     kinds = set(rope_type.values()) if isinstance(rope_type, dict) else {rope_type}
     parameters = list(inspect.signature(module.forward).parameters)
     return bool(kinds) and kinds <= ROPE_TYPES and parameters[:2] == ["x", "position_ids"]
+
+
+def multimodal_rope(model) -> bool:
+    """Rotary embeddings over several position axes (Qwen2-VL's mrope): positions are not one index."""
+    config = model.config.get_text_config()
+    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    return isinstance(scaling, dict) and "mrope_section" in scaling
 
 
 def tabled_forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
@@ -51,14 +60,17 @@ def rotary_tables(model, length: int, dtype: torch.dtype):
     probe = torch.empty(0, dtype=dtype, device=device)
 
     def choices():
-        for module in model.modules():
-            if not switchable(module):
-                continue
-            table = {}
+        module = getattr(causal_lm(model).get_decoder(), "rotary_emb", None)  # the text decoder's only
+        if module is None or not switchable(module) or multimodal_rope(model):
+            return
+        table = {}
+        try:
             with torch.no_grad():
                 for layer_type in sorted(getattr(module, "layer_types", None) or []) or [None]:
                     cos, sin = module(probe, positions, *([layer_type] if layer_type is not None else []))
                     table[(layer_type, dtype, device)] = (cos[0], sin[0])
-            yield module, tabled_forward, {"rotary_table": table, "table_source": module.forward}
+        except Exception:  # a module this cannot tabulate: its own forward every step, as before
+            return
+        yield module, tabled_forward, {"rotary_table": table, "table_source": module.forward}
 
     return switched_forwards(choices())

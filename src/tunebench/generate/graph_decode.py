@@ -182,8 +182,9 @@ class GraphDecode:
 
     def slot_writes(self) -> Callable:
         """The cache's update for the decode steps: the fed token's key and value into its slot (the cache's
-        own update also counts the positions it has filled: five kernels a layer where these are two). Holds
-        the cache's layers and the slot, not the loop: no reference cycle keeps a finished batch's cache."""
+        own update also counts the positions it has filled: five kernels a layer where these are two; the
+        count stays at the prompt's width, read by nothing while the loop passes positions and masks itself).
+        Holds the cache's layers and the slot, not the loop: no reference cycle keeps a finished batch's cache."""
         layers, fed = self.cache.layers, self.fed
 
         def write_fed(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
