@@ -32,6 +32,7 @@
 #               weights, then the real Gemma 3 270M + LoRA answering the tasks) against the norms as written
 #   inputs      one GPU: the decode loop's own masks, cache writes, rotary table, penalty by ids and Gemma's fused
 #               one-token layers against the loop before them (f7c5edb, /tmp/base): step profile, 100 tasks
+#   inputs_check  one GPU: the loop after review on random-weight Gemma (kernel check, profile, the tasks)
 #   inputs_13b  one GPU: the 4-bit 13B shape answering the tasks, the loop now and before (f7c5edb)
 #   graphs      one GPU each: tunebench's captured decode loop (generate.cuda_graphs) against transformers'
 #               generate; GPU 0 Gemma 3 270M (random weights first, then the real model + LoRA once its GGUF
@@ -363,6 +364,15 @@ inputs() {  # one GPU: the loop's own step inputs (masks, cache writes, rotary t
   step in_before 200 "${before[@]}" --variants merged+stops+graphs --out-dir $S/generate-before
   step in_now_swapped 300 "${now[@]}" --variants graphs-no-layer-kernel merged+stops+graphs --out-dir $S/generate-now-swapped
   step in_before_again 200 "${before[@]}" --variants merged+stops+graphs --out-dir $S/generate-before-again
+}
+
+inputs_check() {  # one GPU: the loop as committed after review, on random-weight Gemma: the kernel check and step
+  # profile, then the 100 tasks (every answer runs to 512 tokens) through the default and without the layer kernel
+  random_gemma_run ic_random_train
+  step ic_profile 400 python3 bench/decode_profile.py --run /tmp/bench-speed/gemmarandom-lora+compile=false-512
+  step ic_generate 300 python3 bench/generate_speed.py --tasks /tmp/tv.jsonl \
+    --run /tmp/bench-speed/gemmarandom-lora+compile=false-512 --variants merged+stops+graphs graphs-no-layer-kernel \
+    --out-dir $S/generate-check
 }
 
 inputs_13b() {  # one GPU: the 4-bit llm-jp-3-13b shape + LoRA (random weights) answering the tasks, now and before
