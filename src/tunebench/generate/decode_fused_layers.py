@@ -28,7 +28,7 @@ from torch import nn
 
 from tunebench.generate.decode_attention import NAME, grouped_decode_attention
 from tunebench.generate.decode_kernels import norm_add_norm
-from tunebench.generate.switched import switched_forwards
+from tunebench.generate.switched import stock, switched_forwards
 
 # the stacked copies (~40% of a layer's weights) are made again for each batch: small models only, whose step
 # is bound by kernel count (Gemma 3 270M: ~0.1 GB)
@@ -108,8 +108,7 @@ def one_token_mlp(self, x: torch.Tensor) -> torch.Tensor:
 
 def switchable(module) -> bool:
     name = type(module).__name__
-    if name not in (ATTENTION, MLP, LAYER) or not type(module).__module__.startswith("transformers.models.") or \
-            "forward" in vars(module):
+    if name not in (ATTENTION, MLP, LAYER) or not stock(module) or "forward" in vars(module):
         return False
     if name == LAYER:
         norms = [getattr(module, n, None) for n in LAYER_NORMS]

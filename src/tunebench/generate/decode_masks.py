@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from tunebench.generate.switched import stock
 from tunebench.train.wrapped import causal_lm
 
 # model_type → its forward takes {layer type: mask} as attention_mask (transformers 5.x modeling files)
@@ -31,7 +32,7 @@ LAYER_TYPES = {"full_attention", "sliding_attention"}
 def mask_kind(model) -> str | None:
     """"dict" (one mask per layer type), "tensor" (one 4-D mask for every layer) or None (transformers
     builds the masks: a model this module does not know to take them, remote code's included)."""
-    if not type(causal_lm(model)).__module__.startswith("transformers.models."):
+    if not stock(causal_lm(model)):
         return None
     config = model.config.get_text_config()
     layer_types = set(getattr(config, "layer_types", None) or [])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunebench.generate.switched import switched_forwards
+from tunebench.generate.switched import stock, switched_forwards
 
 
 def gemma_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,9 +50,3 @@ def fused_norms(model):
             yield module, forward, {"fused_scale": 1.0 + module.weight.float()} if forward is gemma_norm else {}
 
     return switched_forwards(choices())
-
-
-def stock(module) -> bool:
-    """A norm class of transformers' own modeling files (remote code may name its own class alike and
-    compute otherwise)."""
-    return type(module).__module__.startswith("transformers.models.")

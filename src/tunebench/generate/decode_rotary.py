@@ -18,7 +18,7 @@ import inspect
 
 import torch
 
-from tunebench.generate.switched import switched_forwards
+from tunebench.generate.switched import stock, switched_forwards
 from tunebench.train.wrapped import causal_lm
 
 # rope_type values whose inverse frequencies are fixed at init (transformers' modeling_rope_utils)
@@ -27,8 +27,7 @@ ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
 
 def switchable(module) -> bool:
     """A transformers rotary module whose cos/sin depend on the position only."""
-    if not type(module).__name__.endswith("RotaryEmbedding") or \
-            not type(module).__module__.startswith("transformers.models.") or "forward" in vars(module):
+    if not type(module).__name__.endswith("RotaryEmbedding") or not stock(module) or "forward" in vars(module):
         return False
     rope_type = getattr(module, "rope_type", None)
     kinds = set(rope_type.values()) if isinstance(rope_type, dict) else {rope_type}

@@ -8,6 +8,12 @@ from contextlib import contextmanager
 from typing import Callable, Iterable
 
 
+def stock(module) -> bool:
+    """A class of transformers' own modeling files (remote code may name its own class alike and compute
+    otherwise): the only kind the loop switches."""
+    return type(module).__module__.startswith("transformers.models.")
+
+
 @contextmanager
 def switched_forwards(choices: Iterable[tuple[object, Callable, dict]]):
     """Each (module, forward, attributes) of `choices`: the attributes set on the module and its forward
