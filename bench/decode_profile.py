@@ -2,7 +2,8 @@
 replays) against the wall time of the host loop, at 1 and 100 rows, for the decoder layers as written,
 with their RMSNorms fused (decode_norms.py), with the loop's own masks, cache writes and rotary table on top
 (decode_masks.py, decode_rotary.py), with Gemma's one-token attention and MLP fused on top of that
-(decode_fused_layers.py: the uncompiled loop's default) and compiled, and the kernels of one step
+(decode_fused_layers.py), the layer's norms and adds in a Triton kernel (decode_kernels.py), its attention
+after the projection in Triton kernels (decode_attention_kernels.py: the uncompiled loop's default) and compiled, and the kernels of one step
 (torch.profiler), on a tunebench run (e.g. train_speed.py's Gemma LoRA run).
 
     python bench/decode_profile.py --run /tmp/bench-speed/gemma-lora+compile=false-512
@@ -65,12 +66,67 @@ def kernel_check() -> None:
                 raise SystemExit(f"decode_kernels' Triton kernel is off its reference by {ulps:.2f} bf16 ulp")
 
 
+def attention_kernel_check() -> None:
+    """decode_attention_kernels' Triton kernels against their torch references, bf16, Gemma 3 270M's heads (4 query
+    heads on 1 key/value head of 256), 100 rows with prompts of different lengths, a cache of 700 slots, the fed
+    token at slot 600, with and without a sliding window of 512."""
+    from tunebench.generate import decode_attention_kernels as k
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, dim, slots, fed = 100, 4, 1, 256, 700, 600
+    cuda = dict(device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(rows, 1, (heads + 2 * kv_heads) * dim, **cuda) * 3
+    scale = 1 + torch.randn(heads + kv_heads, dim, device="cuda") * 0.3
+    angles = torch.rand(rows, 1, dim, device="cuda") * 6.3
+    sign = torch.ones(dim, device="cuda")
+    sign[: dim // 2] = -1
+    at = torch.tensor([fed], device="cuda")
+    caches = [torch.randn(rows, kv_heads, slots, dim, **cuda) for _ in range(2)]
+    one, zero = torch.ones(rows, 1, dim, **cuda), torch.zeros(rows, 1, dim, **cuda)
+    # each against the float32 result of the same bf16 inputs, beside the bf16 torch reference's own error;
+    # "norm" (cos 1, sin 0) isolates the normalisation, "rotate" is the whole
+    for label, cos, sin in (("norm", one, zero), ("rotate", angles.cos().to(torch.bfloat16),
+                                                   (angles.sin() * sign).to(torch.bfloat16))):
+        results = {}
+        for name, fn, dtype in (("exact", k.rotate_and_write_reference, torch.float32),
+                                ("reference", k.rotate_and_write_reference, torch.bfloat16),
+                                ("kernel", k.rotate_and_write_triton, torch.bfloat16)):
+            written = [c.to(dtype) for c in caches]
+            query = fn(qkv.to(dtype), scale, 1e-6, cos.to(dtype), sin.to(dtype), *written, at, heads, kv_heads)
+            results[name] = (query, written[0][:, :, fed], written[1][:, :, fed])
+        for i, part in enumerate(("query", "keys", "values")):
+            exact, reference, kernel = (results[n][i] for n in ("exact", "reference", "kernel"))
+            ours, theirs = ((t.float() - exact).abs().max().item() for t in (kernel, reference))
+            print(f"kernel check {label} {part:<7}: largest error against float32 {ours:.5f} (torch's bf16 path "
+                  f"{theirs:.5f}); {(kernel != reference).float().mean().item():.2%} of elements differ from it")
+            if ours > 2 * theirs + 1e-6:
+                raise SystemExit(f"decode_attention_kernels' {label} {part} is off by {ours:.5f}")
+    got = results["kernel"][0]
+    # the attention: the kernels' error against the float32 result, beside the bf16 reference's own error
+    slot = torch.arange(slots, device="cuda")
+    starts = torch.randint(0, 500, (rows,), device="cuda")
+    for window in (None, 512):
+        attend = (slot[None] >= starts[:, None]) & (slot[None] <= fed)
+        if window:
+            attend &= slot[None] > fed - window
+        mask = torch.where(attend, 0.0, float("-inf"))
+        exact = k.attend_new_token_reference(got.float(), *(c.float() for c in caches), mask, 256 ** -0.5)
+        reference = k.attend_new_token_reference(got, *caches, mask, 256 ** -0.5)
+        kernels = k.attend_new_token_triton(got, *caches, mask, 256 ** -0.5, at, window)
+        ours, theirs = ((t.float() - exact).abs().max().item() for t in (kernels, reference))
+        print(f"kernel check attend window={window}: largest error against float32 {ours:.5f} (torch's bf16 path "
+              f"{theirs:.5f}); {(kernels != reference).float().mean().item():.2%} of elements differ from it")
+        if ours > 2 * theirs + 1e-6:
+            raise SystemExit(f"decode_attention_kernels' attention (window {window}) is off by {ours:.5f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True)
     parser.add_argument("--replays", type=int, default=100)
     args = parser.parse_args()
     kernel_check()
+    attention_kernel_check()
     loaded = load_for_inference(args.run)
     model = merge_for_generation(loaded.model, "auto")
     prompt = loaded.tokenizer.encode("日本の首都はどこですか。理由も説明してください。")
@@ -80,8 +136,11 @@ def main() -> None:
     modes = {"as written": Variant(**loop, fused_norms=False, step_inputs=False),
              "fused norms": Variant(**loop, step_inputs=False),  # the loop before its own step inputs
              "+step inputs": Variant(**loop, fused_layers=False),  # own masks, cache writes, rotary table
-             "+fused attn/MLP": Variant(**loop, layer_kernel=False),  # Gemma's one-token attention and MLP fused
-             "+layer kernel": Variant(**loop),  # the layer's norms and adds in one Triton kernel each: the default
+             # Gemma's one-token attention and MLP fused, in torch operations
+             "+fused attn/MLP": Variant(**loop, layer_kernel=False, attention_kernels=False),
+             "+layer kernel": Variant(**loop, attention_kernels=False),  # the layer's norms and adds in one Triton
+             # kernel each
+             "+attn kernels": Variant(**loop),  # the attention after its projection in Triton kernels: the default
              "compiled": Variant(**loop, compile=True)}
     for mode, variant in modes.items():
         set_levers(variant)

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tunebench.config import GenerateConfig  # noqa: E402
 from tunebench.data.templates import render_prompt  # noqa: E402
+from tunebench.generate import decode_attention_kernels  # noqa: E402
 from tunebench.generate.engine import Generator  # noqa: E402
 from tunebench.generate.graph_decode import GraphDecode  # noqa: E402
 from tunebench.generate.stops import STOP_CHECK_EVERY  # noqa: E402
@@ -58,6 +59,7 @@ class Variant:
     step_inputs: bool = True  # the loop's own masks, cache writes and rotary table (decode_masks.py, decode_rotary.py)
     fused_layers: bool = True  # Gemma 3's one-token attention and MLP in fewer kernels (decode_fused_layers.py)
     layer_kernel: bool = True  # ... and its layer's norms and adds as norm_add_norm (decode_kernels.py: Triton)
+    attention_kernels: bool = True  # ... and its attention after the projection in Triton (decode_attention_kernels.py)
 
 
 VARIANTS = {
@@ -82,6 +84,10 @@ VARIANTS = {
     # the uncompiled loop with Gemma's attention and MLP fused, its layer's norms and adds as written
     "graphs-no-layer-kernel": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
                                       layer_kernel=False),
+    # the uncompiled loop with Gemma's attention after its projection in torch operations (the default before
+    # decode_attention_kernels.py)
+    "graphs-no-attention-kernels": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
+                                           attention_kernels=False),
     # the uncompiled loop with its own step inputs, Gemma's layers as written (norms fused)
     "graphs-unfused-layers": Variant(merge_adapter=True, cuda_graphs=True, stop_check_every=STOP_CHECK_EVERY,
                                      fused_layers=False),
@@ -89,6 +95,7 @@ VARIANTS = {
 
 
 WORTH_COMPACTING = GraphDecode.worth_compacting
+USABLE = decode_attention_kernels.usable
 
 
 def sync() -> None:
@@ -110,6 +117,7 @@ def set_levers(variant: Variant) -> None:
 
     from tunebench.generate import (
         decode_attention,
+        decode_attention_kernels,
         decode_fused_layers,
         decode_masks,
         decode_norms,
@@ -124,6 +132,7 @@ def set_levers(variant: Variant) -> None:
     graph_decode.fused_layers = decode_fused_layers.fused_layers if variant.fused_layers else \
         (lambda model: nullcontext())
     decode_fused_layers.LAYER = "Gemma3DecoderLayer" if variant.layer_kernel else "(layers as written)"
+    decode_attention_kernels.usable = USABLE if variant.attention_kernels else (lambda *tensors: False)
     graph_decode.mask_kind = decode_masks.mask_kind if variant.step_inputs else (lambda model: None)
     graph_decode.rotary_tables = decode_rotary.rotary_tables if variant.step_inputs else \
         (lambda model, length, dtype: nullcontext())
@@ -144,14 +153,16 @@ def build_generator(run: str, variant: Variant, max_new_tokens: int, batch_size:
     return generator
 
 
-def one_prompt(generator: Generator, task, new_tokens: int) -> dict:
+def one_prompt(generator: Generator, tasks, new_tokens: int) -> dict:
     """Decode speed of a single row as `tunebench generate` makes it (stop strings on), EOS held back
-    for `new_tokens` tokens (a stop string may still end it sooner: one_new_tokens says)."""
-    prompt = generator.encode([{"role": "user", "content": task.input}])
+    for `new_tokens` tokens (a stop string may still end it sooner: one_new_tokens says): the first task twice,
+    then the second (another prompt length: `serve`'s case, where each request has its own)."""
     rates = {}
-    for label in ("cold", "warm"):
-        (answer,), wall = timed(lambda: generator.generate_batch([prompt], new_tokens, min_new_tokens=new_tokens))
-        rates.update({f"one_{label}_tok_s": answer.new_tokens / wall, "one_new_tokens": answer.new_tokens})
+    for label, task in (("cold", tasks[0]), ("warm", tasks[0]), ("other", tasks[min(1, len(tasks) - 1)])):
+        prompt = generator.encode([{"role": "user", "content": task.input}])
+        (answer,), wall = timed(lambda prompt=prompt: generator.generate_batch([prompt], new_tokens, min_new_tokens=new_tokens))
+        rates[f"one_{label}_tok_s"] = answer.new_tokens / wall
+        rates.setdefault("one_new_tokens", answer.new_tokens)
     return rates
 
 
@@ -206,10 +217,14 @@ def measure(name: str, args, tasks, out_dir: Path) -> dict:
         torch.cuda.reset_peak_memory_stats()
     generator, load_s = timed(lambda: build_generator(args.run, variant, args.max_new_tokens, args.batch_size,
                                                       args.fold_ids))
+    first_phases = {}
+    if args.first_pass_phases and variant.cuda_graphs:  # where a process's first pass spends its extra time
+        first_phases = {f"first_{k}": v for k, v in phase_times(generator, tasks).items()}
     # the tasks first: their cold pass is what one `tunebench generate` does (compiling included)
     summary, texts = all_tasks(generator, tasks, 2 if variant.cuda_graphs else 1)
+    summary.update(first_phases)
     row = {"variant": name, **vars(variant), "load_s": load_s, "device": device_name(), **summary,
-           **one_prompt(generator, tasks[0], args.one_prompt_tokens)}
+           **one_prompt(generator, tasks, args.one_prompt_tokens)}
     if args.phases and variant.cuda_graphs:
         row.update(phase_times(generator, tasks))
     if torch.cuda.is_available():
@@ -282,20 +297,23 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'variant':<26}{'1 prompt tok/s':>16}{'tasks':>6}{'wall s':>9}{'new tok':>9}{'tok/s':>8}"
           f"{'warm wall s':>12}{'warm tok/s':>11}{'differ':>7}{'peak GiB':>9}")
     for r in rows:
-        one = f"{r['one_cold_tok_s']:.0f}/{r['one_warm_tok_s']:.0f}" if "one_warm_tok_s" in r else "-"
+        one = "/".join(f"{r[k]:.0f}" for k in ("one_cold_tok_s", "one_warm_tok_s", "one_other_tok_s") if k in r) or "-"
         warm_wall = f"{r['tasks_warm_wall_s']:.1f}" if "tasks_warm_wall_s" in r else "-"
         warm_rate = f"{r['tasks_warm_tok_s']:.0f}" if "tasks_warm_tok_s" in r else "-"
         print(f"{r['variant']:<26}{one:>16}{r['tasks']:>6}{r['tasks_cold_wall_s']:>9.1f}{r['new_tokens']:>9}"
               f"{r['tasks_cold_tok_s']:>8.0f}{warm_wall:>12}{warm_rate:>11}{str(r.get('differ_from_current', '-')):>7}"
               f"{r.get('peak_gib', 0):>9.2f}")
-    print("wall s, tok/s: the first pass over the tasks in the process (compiling included); 1 prompt tok/s: first/second "
-          "call, after the tasks; differ: answers unlike the current path's")
-    timed_rows = [r for r in rows if "phases_wall_s" in r]
-    if timed_rows:
-        names = [k[len("phase_"):-2] for k in timed_rows[0] if k.startswith("phase_")]
-        print(f"\n{'phases of one more pass, s':<30}{'wall':>7}" + "".join(f"{n:>14}" for n in names))
-        for r in timed_rows:
-            print(f"{r['variant']:<30}{r['phases_wall_s']:>7.2f}" + "".join(f"{r[f'phase_{n}_s']:>14.3f}" for n in names))
+    print("wall s, tok/s: the first pass over the tasks in the process (compiling included; with --first-pass-phases "
+          "the pass after the phased one); 1 prompt tok/s: first/second call of one task, then another task (another "
+          "length), after the tasks; differ: answers unlike the current path's")
+    for prefix, title in (("first_", "phases of the process's first pass, s"), ("", "phases of one more pass, s")):
+        timed_rows = [r for r in rows if f"{prefix}phases_wall_s" in r]
+        if timed_rows:
+            names = [k[len(prefix + "phase_"):-2] for k in timed_rows[0] if k.startswith(prefix + "phase_")]
+            print(f"\n{title:<38}{'wall':>7}" + "".join(f"{n:>14}" for n in names))
+            for r in timed_rows:
+                print(f"{r['variant']:<38}{r[f'{prefix}phases_wall_s']:>7.2f}" +
+                      "".join(f"{r[f'{prefix}phase_{n}_s']:>14.3f}" for n in names))
 
 
 def main() -> None:
@@ -315,6 +333,8 @@ def main() -> None:
                         "(default: %(default)s; copied into $OUT when set)")
     parser.add_argument("--phases", action="store_true", help="graph variants: one more pass over the tasks with "
                         "the loop's phases timed (prompts, captures, host checks, steps)")
+    parser.add_argument("--first-pass-phases", action="store_true", help="graph variants: the process's first pass "
+                        "over the tasks is one with the loop's phases timed (then the usual two)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny random model + adapter, 16 tokens, on CPU")
     parser.add_argument("--table", type=Path, metavar="JSONL", help="only print the table of an earlier call's lines")
     args = parser.parse_args()

@@ -34,6 +34,10 @@
 #               one-token layers against the loop before them (f7c5edb, /tmp/base): step profile, 100 tasks
 #   inputs_check  one GPU: the loop after review on random-weight Gemma (kernel check, profile, the tasks)
 #   inputs_13b  one GPU: the 4-bit 13B shape answering the tasks, the loop now and before (f7c5edb)
+#   attn        one GPU: Gemma's one-token attention in Triton kernels against the loop before them (1e18115,
+#               /tmp/base): kernel checks and step profile on random weights, then the real model + LoRA answering
+#               the tasks in five processes (the first with an empty Triton cache)
+#   attn_final  one GPU: the same, as committed (the chunk count a runtime argument), four processes
 #   graphs      one GPU each: tunebench's captured decode loop (generate.cuda_graphs) against transformers'
 #               generate; GPU 0 Gemma 3 270M (random weights first, then the real model + LoRA once its GGUF
 #               pieces are here), GPU 1 the 4-bit llm-jp-3-13b shape answering the tasks
@@ -383,6 +387,37 @@ inputs_13b() {  # one GPU: the 4-bit llm-jp-3-13b shape + LoRA (random weights) 
   step in_13b_now 300 python3 bench/generate_speed.py "${args[@]}" --out-dir $S/generate-13b-now
   step in_13b_before 300 python3 /tmp/base/bench/generate_speed.py "${args[@]}" --out-dir $S/generate-13b-before
 }
+
+attention_kernels() {  # attention_kernels PREFIX PROCESS...: Gemma's one-token attention in Triton kernels
+  # (decode_attention_kernels.py) against the loop before them (commit 1e18115's src and bench, in /tmp/base): kernel
+  # checks and step profile on random weights, then the real model + LoRA answering the tasks, one process each
+  # (now_cold: an empty Triton cache, as on a new machine; now: first pass timed by phases; before, before_again,
+  # now_again: as the variant alone)
+  local prefix=$1 run=/tmp/bench-speed/gemma-lora+compile=false-512
+  shift
+  local now=(python3 bench/generate_speed.py --tasks /tmp/tv.jsonl --run $run)
+  local before=(python3 /tmp/base/bench/generate_speed.py --tasks /tmp/tv.jsonl --run $run)
+  random_gemma_run ${prefix}_random_train
+  step ${prefix}_profile 400 python3 bench/decode_profile.py --run /tmp/bench-speed/gemmarandom-lora+compile=false-512
+  real_gemma_run || return
+  export TRITON_CACHE_DIR=/tmp/triton-cache-$prefix
+  local process
+  for process in "$@"; do
+    case $process in
+      now_cold) step ${prefix}_now_cold 300 "${now[@]}" --first-pass-phases \
+                  --variants merged+stops+graphs graphs-no-attention-kernels --out-dir $S/generate-now-cold ;;
+      now) step ${prefix}_now 300 "${now[@]}" --first-pass-phases --variants merged+stops+graphs --out-dir $S/generate-now ;;
+      now_again) step ${prefix}_now_again 300 "${now[@]}" --variants merged+stops+graphs --out-dir $S/generate-now-again ;;
+      before*) step ${prefix}_$process 200 "${before[@]}" --variants merged+stops+graphs \
+                 --out-dir $S/generate-${process//_/-} ;;
+    esac
+  done
+}
+
+# as run on the session's first machine (the chunk count then a compile-time constant; its now_cold also ran
+# --phases and the variant without the kernels in now_again), and on the second, as committed
+attn() { attention_kernels at now_cold before now before_again now_again; }
+attn_final() { attention_kernels af now_cold before now now_again; }
 
 collect() {
   local out=${OUT:-/tmp/out}

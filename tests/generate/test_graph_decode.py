@@ -131,6 +131,25 @@ def test_auto_captures_and_compiles_on_a_gpu_only():
     assert not compiles_decode("auto", cuda, 270_000_000, 2000)  # the compile costs more than it saves
     assert not compiles_decode("auto", cuda, 13_000_000_000, long_job)  # memory-bound: compiling only costs
     assert compiles_decode(True, cpu, 13_000_000_000) and not compiles_decode(False, cuda, 270_000_000, long_job)
+    # a model whose layers the loop runs through its own Triton kernels: its uncompiled step is the faster one
+    assert not compiles_decode("auto", cuda, 270_000_000, long_job, fused_kernels=True)
+    assert compiles_decode(True, cuda, 270_000_000, 1, fused_kernels=True)
+
+
+def test_only_a_small_gemma_on_a_gpu_with_triton_counts_as_fused(tokenizer, tiny_model_dir, monkeypatch):
+    from tunebench.generate import decode_fused_layers
+    from tunebench.generate.decode_fused_layers import fused_kernels
+
+    gemma, cuda = tiny_gemma(tokenizer), torch.device("cuda")
+    monkeypatch.setattr(decode_fused_layers, "triton_kernels", lambda: ("kernels",))
+    assert fused_kernels(gemma, cuda) and not fused_kernels(gemma, torch.device("cpu"))
+    llama = load_for_inference(str(tiny_model_dir)).model
+    assert not fused_kernels(llama, cuda)  # no fused layers for its architecture
+    monkeypatch.setattr(decode_fused_layers, "FUSE_BELOW_PARAMETERS", 1000)
+    assert not fused_kernels(gemma, cuda)
+    monkeypatch.setattr(decode_fused_layers, "FUSE_BELOW_PARAMETERS", 600_000_000)
+    monkeypatch.setattr(decode_fused_layers, "triton_kernels", lambda: None)
+    assert not fused_kernels(gemma, cuda)  # without Triton the fused layers run torch operations
 
 
 def test_generate_decides_compiling_by_the_whole_job_not_each_batch(tiny_model_dir, monkeypatch):
@@ -138,7 +157,7 @@ def test_generate_decides_compiling_by_the_whole_job_not_each_batch(tiny_model_d
 
     seen = []
     monkeypatch.setattr(engine, "compiles_decode",
-                        lambda setting, device, parameters, prompts=1: seen.append(prompts) or False)
+                        lambda setting, device, parameters, prompts=1, fused=False: seen.append(prompts) or False)
     tiny = load_for_inference(str(tiny_model_dir), dtype=torch.float64)
     config = GenerateConfig(cuda_graphs=True, max_new_tokens=4, batch_size=2, stop=[])
     generator = Generator(tiny.model, tiny.tokenizer, "course", config)
@@ -199,7 +218,7 @@ def test_compiled_decode_layers_give_the_same_answers_and_a_failing_compile_deco
     from tunebench.generate import engine
 
     monkeypatch.setattr(engine, "compiles_decode",
-                        lambda setting, device, parameters, prompts=1: setting is not False)  # a GPU, a long job
+                        lambda setting, device, parameters, prompts=1, fused=False: setting is not False)  # a GPU, a long job
     generator = Generator(tiny.model, tiny.tokenizer, "course", config)
     assert answers(generator) == reference
     assert generator.fallbacks.compile_failed and not generator.fallbacks.graphs_failed

@@ -14,8 +14,11 @@ microseconds whatever its size, and these are 30 of a layer's ~50. Here, for one
 - their rotary embedding together: q·cos + roll(q, half)·sin_signed, where sin_signed is sin with
   its first half negated (rotate_half(q)·sin, since -a·b = a·-b exactly), in the model's dtype.
 
-The arithmetic is the model's own, in its order; in fp64 on CPU the answers equal transformers'
-(tests/generate/test_decode_step_inputs.py). Only transformers' own Gemma 3 classes with plain
+On a CUDA GPU with Triton (bf16/fp16) the attention after the projection runs as three Triton kernels
+(decode_attention_kernels.py: norm, rotation and cache write in one; the attention over the cache in
+chunks, then their combination) and the layer's norms and adds as norm_add_norm (decode_kernels.py).
+Elsewhere the arithmetic is the model's own, in its order; in fp64 on CPU the answers equal
+transformers' (tests/generate/test_decode_step_inputs.py). Only transformers' own Gemma 3 classes with plain
 Linear projections are switched, only while the decode loop runs, and only for calls of one
 position (the prompt's pass runs as written).
 """
@@ -27,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunebench.generate.decode_attention import NAME, grouped_decode_attention
+from tunebench.generate.decode_attention_kernels import attend_new_token, rotate_and_write, triton_kernels
 from tunebench.generate.decode_kernels import norm_add_norm
+from tunebench.generate.slot_writes import SlotWrites
 from tunebench.generate.switched import stock, switched_forwards
 
 # the stacked copies (~40% of a layer's weights) are made again for each batch: small models only, whose step
@@ -73,16 +78,25 @@ def one_token_attention(self, hidden_states: torch.Tensor, position_embeddings=N
     rows, heads, kv_heads, dim = hidden_states.shape[0], self.config.num_attention_heads, \
         self.config.num_key_value_heads, self.head_dim
     qkv = F.linear(hidden_states, self.fused_weight, self.fused_bias)  # (rows, 1, (heads + 2 kv_heads) dim)
+    cos, sin = position_embeddings  # (rows, 1, dim)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    writes = cache.update
+    if isinstance(writes, SlotWrites) and isinstance(attention_mask, torch.Tensor) and \
+            attention_mask.dtype == torch.float32:  # a decode step: the loop's slot and additive mask
+        layer = writes.layers[self.layer_idx]
+        query = rotate_and_write(qkv, self.qk_scale, self.q_norm.eps, cos, self.signed_sin(sin), layer.keys,
+                                 layer.values, writes.fed, heads, kv_heads)
+        # no softcap: transformers' Gemma 3 attention passes none to its attention function either
+        out = attend_new_token(query, layer.keys, layer.values, attention_mask.reshape(rows, -1), self.scaling,
+                               writes.fed, getattr(self, "sliding_window", None))
+        return self.o_proj(out.view(rows, 1, -1)), None
+    # a prompt of one token (the prompts' pass): the cache's own update and transformers' mask
     qk = qkv[..., : (heads + kv_heads) * dim].view(rows, 1, heads + kv_heads, dim)
     qk = (F.rms_norm(qk.float(), (dim,), None, self.q_norm.eps) * self.qk_scale).to(hidden_states.dtype)
-    cos, sin = position_embeddings  # (rows, 1, dim)
-    cos, sin = cos[:, :, None], self.signed_sin(sin)[:, :, None]
-    qk = qk * cos + qk.roll(dim // 2, -1) * sin
+    qk = qk * cos[:, :, None] + qk.roll(dim // 2, -1) * self.signed_sin(sin)[:, :, None]
     query, key = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
     value = qkv[..., (heads + kv_heads) * dim :].view(rows, 1, kv_heads, dim).transpose(1, 2)
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    key, value = cache.update(key, value, self.layer_idx)
-    # no softcap: transformers' Gemma 3 attention passes none to its attention function either
+    key, value = writes(key, value, self.layer_idx)
     out, _ = grouped_decode_attention(self, query, key, value, attention_mask, scaling=self.scaling)
     return self.o_proj(out.reshape(rows, 1, -1)), None
 
@@ -119,6 +133,16 @@ def switchable(module) -> bool:
     norms = [getattr(module, "q_norm", None), getattr(module, "k_norm", None)]
     return plain(module.q_proj, module.k_proj, module.v_proj) and \
         all(type(n).__name__ == "Gemma3RMSNorm" for n in norms) and norms[0].eps == norms[1].eps
+
+
+def fused_kernels(model, device: torch.device) -> bool:
+    """Whether the loop runs this model's one-token layers fused with their Triton kernels (a CUDA GPU with
+    Triton, a switchable Gemma 3 under FUSE_BELOW_PARAMETERS): generate.compile auto leaves such a model
+    uncompiled (engine.py)."""
+    if device.type != "cuda" or triton_kernels() is None or \
+            sum(p.numel() for p in model.parameters()) >= FUSE_BELOW_PARAMETERS:
+        return False
+    return any(type(m).__name__ == ATTENTION and switchable(m) for m in model.modules())
 
 
 def fused_layers(model):

@@ -18,6 +18,7 @@ from tunebench.config import GenerateConfig
 from tunebench.data.templates import get_template, stop_token_ids
 from tunebench.data.tokens import encode_prompt, special_prefix
 from tunebench.errors import failure_reason
+from tunebench.generate.decode_fused_layers import fused_kernels
 from tunebench.generate.graph_decode import DecodeSettings, GraphDecode
 from tunebench.generate.merge_adapter import merge_for_generation
 from tunebench.generate.stops import (
@@ -65,18 +66,23 @@ def clean_answer(text: str, stops: list[str]) -> tuple[str, bool]:
 # by memory traffic, and compiling only adds its time (the 4-bit llm-jp-3-13b shape: no faster, 7 s more).
 COMPILE_BELOW_PARAMETERS = 3_000_000_000
 # ... and only for jobs this long: compiling costs 5-12 s before the first token (inductor's disk cache warm or
-# not); once compiled, a step of 100 rows takes 1.82 ms against the uncompiled loop's 2.23 (H100, Gemma 3 270M,
-# fused layers and Triton norms: docs/PERFORMANCE.md), ~0.2 s saved per batch of 100 prompts answered to 512
-# tokens, so it pays from ~2,500-6,000 prompts: the fresh machine's figure.
+# not) and saved ~0.2 s per batch of 100 prompts answered to 512 tokens on Gemma 3 270M before its attention
+# ran in Triton kernels (1.82 against 2.23 ms a step at 100 rows), so it pays from ~2,500-6,000 prompts. A
+# model whose one-token layers the loop fuses with Triton kernels (decode_fused_layers.py: Gemma 3 under
+# 600 M parameters) is never compiled under auto: its uncompiled step is the faster one (1.21 against
+# 1.82 ms at 100 rows, H100: docs/PERFORMANCE.md).
 COMPILE_FROM_PROMPTS = 6000
 
 
-def compiles_decode(setting: str | bool, device: torch.device, parameters: int = 0, prompts: int = 1) -> bool:
+def compiles_decode(setting: str | bool, device: torch.device, parameters: int = 0, prompts: int = 1,
+                    fused_kernels: bool = False) -> bool:
     """generate.compile: auto compiles the decode loop's layers on a CUDA GPU for a model of fewer than
     COMPILE_BELOW_PARAMETERS parameters answering a job of at least COMPILE_FROM_PROMPTS prompts (on CPU
-    compiling costs more than it saves); true: any model and job, also on CPU."""
+    compiling costs more than it saves), unless the loop runs the model's layers through its own kernels
+    (`fused_kernels`); true: any model and job, also on CPU."""
     if setting == "auto":
-        return device.type == "cuda" and parameters < COMPILE_BELOW_PARAMETERS and prompts >= COMPILE_FROM_PROMPTS
+        return device.type == "cuda" and parameters < COMPILE_BELOW_PARAMETERS and prompts >= COMPILE_FROM_PROMPTS \
+            and not fused_kernels
     return bool(setting)
 
 
@@ -205,7 +211,9 @@ class Generator:
             not (stopping_criteria or streamer or self.config.no_repeat_ngram_size or prompt_learning(self.model)
                  or loop_unsupported(self.model))
         while graphs:
-            compile = compiles_decode(self.config.compile, device, self.parameters, job_size or len(prompts)) and \
+            fused = self.config.compile == "auto" and fused_kernels(self.model, device)
+            compile = compiles_decode(self.config.compile, device, self.parameters, job_size or len(prompts),
+                                      fused) and \
                 not self.fallbacks.compile_failed
             try:
                 generated = self.decode_in_graphs(prompts, max_new_tokens, min_new_tokens, compile)

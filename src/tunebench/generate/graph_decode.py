@@ -14,7 +14,8 @@ the attention mask over absolute positions), so a step's work does not depend on
 has got. Each new token's attention reads each key/value head once (decode_attention.py); with
 `compile`, the step's decoder layers are torch.compile'd (decode_compile.py), which fuses their
 many small kernels (the kernel count, not the weights, sets a small model's step time); uncompiled,
-the RMSNorms at least run as one fused kernel each (decode_norms.py). What transformers recomputes
+the RMSNorms at least run as one fused kernel each (decode_norms.py), and a small Gemma 3's attention and
+MLP run fused, with Triton kernels on a GPU (decode_fused_layers.py). What transformers recomputes
 for every forward the loop keeps itself: the attention masks (decode_masks.py, from the slots each
 row attends to), the cache slot each step writes (`slot_writes`), cos/sin by position
 (decode_rotary.py), and the tokens of each row for the repetition penalty (`history`, read at those
@@ -41,6 +42,7 @@ from tunebench.generate.decode_fused_layers import fused_layers
 from tunebench.generate.decode_masks import StepMasks, mask_kind
 from tunebench.generate.decode_norms import fused_norms
 from tunebench.generate.decode_rotary import rotary_tables
+from tunebench.generate.slot_writes import SlotWrites
 from tunebench.train.wrapped import causal_lm
 
 # One run at a time in a process: a run switches the shared model's attention and layer calls (serve
@@ -180,20 +182,9 @@ class GraphDecode:
                          **{self.cache_argument: self.cache})
         self.choose(out.logits[:, -1])
 
-    def slot_writes(self) -> Callable:
-        """The cache's update for the decode steps: the fed token's key and value into its slot (the cache's
-        own update also counts the positions it has filled: five kernels a layer where these are two; the
-        count stays at the prompt's width, read by nothing while the loop passes positions and masks itself).
-        Holds the cache's layers and the slot, not the loop: no reference cycle keeps a finished batch's cache."""
-        layers, fed = self.cache.layers, self.fed
-
-        def write_fed(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-            layer = layers[layer_idx]
-            layer.keys.index_copy_(2, fed, key_states)
-            layer.values.index_copy_(2, fed, value_states)
-            return layer.keys, layer.values
-
-        return write_fed
+    def slot_writes(self) -> SlotWrites:
+        """The cache's update for the decode steps (slot_writes.py)."""
+        return SlotWrites(self.cache.layers, self.fed)
 
     def capture(self) -> Callable[[], None]:
         """The decode step as a replayable CUDA graph; runs one real step first (warm-up on a side
