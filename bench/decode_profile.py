@@ -91,7 +91,7 @@ def attention_kernel_check() -> None:
         for name, fn, dtype in (("exact", k.rotate_and_write_reference, torch.float32),
                                 ("reference", k.rotate_and_write_reference, torch.bfloat16),
                                 ("kernel", k.rotate_and_write_triton, torch.bfloat16)):
-            written = [c.to(dtype) for c in caches]
+            written = [c.clone().to(dtype) for c in caches]  # each its own cache (.to of the same dtype is a no-op)
             query = fn(qkv.to(dtype), scale, 1e-6, cos.to(dtype), sin.to(dtype), *written, at, heads, kv_heads)
             results[name] = (query, written[0][:, :, fed], written[1][:, :, fed])
         for i, part in enumerate(("query", "keys", "values")):

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # The course's data folder (../shared/data beside the checkout) is reached only through this
 # variable; tunebench itself never looks for it. Tests that need the unshipped ELYZA-tasks-100-TV
@@ -16,7 +17,7 @@ if (SHARED_DATA / "elyza-tasks-100-tv" / "tasks.jsonl").is_file():
     os.environ.setdefault("TUNEBENCH_TV_TASKS", str(SHARED_DATA / "elyza-tasks-100-tv" / "tasks.jsonl"))
 # Without a GPU, Triton's kernels (where Triton is installed) run under its interpreter, which must be chosen
 # before Triton is first imported (tests/generate/test_decode_attention_kernels.py).
-if not Path("/dev/nvidia0").exists():
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -77,29 +77,32 @@ def attend_mask(rows, slots, fed, starts, window=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("window", [None, 30])
-def test_attend_new_token_equals_its_reference(dtype, window):
-    """Chunks of 64 slots: a cache of 200 (the last chunk partial), the fed token at slot 100. Slots the kernel
-    may skip without reading (after the fed token; before a sliding window) are filled with NaN: a skipped
-    chunk that was read anyway would spread it."""
+@pytest.mark.parametrize("fed, window", [(100, None), (100, 30), (63, None), (64, None), (127, None), (128, None),
+                                         (127, 63), (127, 64), (128, 65), (191, 128)])
+def test_attend_new_token_equals_its_reference(dtype, fed, window):
+    """Chunks of 64 slots in a cache of 200 (the last chunk partial), the fed token and a sliding window's first
+    slot on and beside chunk edges. Slots the kernel may skip without reading (whole chunks after the fed token or
+    before the window) are filled with NaN: a skipped chunk that was read anyway would spread it."""
     torch.manual_seed(0)
-    rows, heads, kv_heads, dim, slots, fed = 3, 4, 2, 16, 200, 100
+    rows, heads, kv_heads, dim, slots, chunk = 3, 4, 2, 16, 200, kernels.CHUNK
     query = torch.randn(rows, heads, dim).to(dtype)
     keys, values = (torch.randn(rows, kv_heads, slots, dim).to(dtype) for _ in range(2))
-    mask = attend_mask(rows, slots, fed, starts=[10, 0, 90], window=window)
+    starts = [10, 0, fed - 20]
+    mask = attend_mask(rows, slots, fed, starts, window=window)
     expected = attend_new_token_reference(query, keys, values, mask, 0.25)
+    after = -(-(fed + 1) // chunk) * chunk  # the first chunk wholly after the fed slot
+    before = (fed - window + 1) // chunk * chunk if window else 0  # chunks wholly before the window's first slot
     poisoned = [t.clone() for t in (keys, values)]
     for t in poisoned:
-        t[:, :, 128:] = float("nan")  # chunks 2 and 3: after the fed slot
-        if window:
-            t[:, :, :64] = float("nan")  # chunk 0: before slot 71, the window's first
-    got = attend_new_token_triton(*(t.to(DEVICE) for t in (query, *poisoned, mask)), 0.25,
-                                  torch.tensor([fed], device=DEVICE), window)
+        t[:, :, after:] = float("nan")
+        t[:, :, :before] = float("nan")
+    fed_slot = torch.tensor([fed], device=DEVICE)
+    got = attend_new_token_triton(*(t.to(DEVICE) for t in (query, *poisoned, mask)), 0.25, fed_slot, window)
     torch.testing.assert_close(got.cpu(), expected, **tolerance(dtype))
-    # the comparison sees the mask: row 2 attending from slot 91 instead of 90 changes its output
+    # the comparison sees the mask: row 2 attending from one slot later changes its output and no other
     other = attend_new_token_triton(*(t.to(DEVICE) for t in (query, *poisoned)),
-                                    attend_mask(rows, slots, fed, starts=[10, 0, 91], window=window).to(DEVICE),
-                                    0.25, torch.tensor([fed], device=DEVICE), window)
+                                    attend_mask(rows, slots, fed, [10, 0, fed - 19], window=window).to(DEVICE),
+                                    0.25, fed_slot, window)
     assert torch.equal(other[:2].cpu(), got[:2].cpu()) and not torch.allclose(other[2].cpu(), got[2].cpu())
 
 

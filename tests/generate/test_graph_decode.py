@@ -140,9 +140,14 @@ def test_only_a_small_gemma_on_a_gpu_with_triton_counts_as_fused(tokenizer, tiny
     from tunebench.generate import decode_fused_layers
     from tunebench.generate.decode_fused_layers import fused_kernels
 
-    gemma, cuda = tiny_gemma(tokenizer), torch.device("cuda")
+    gemma, cuda = tiny_gemma(tokenizer).to(torch.bfloat16), torch.device("cuda")
+    gemma.config._attn_implementation = "sdpa"
     monkeypatch.setattr(decode_fused_layers, "triton_kernels", lambda: ("kernels",))
     assert fused_kernels(gemma, cuda) and not fused_kernels(gemma, torch.device("cpu"))
+    assert not fused_kernels(gemma.float(), cuda)  # the kernels take bf16/fp16: fp32 runs torch operations
+    gemma.to(torch.bfloat16).config._attn_implementation = "eager"  # attention the loop does not switch
+    assert not fused_kernels(gemma, cuda)
+    gemma.config._attn_implementation = "sdpa"
     llama = load_for_inference(str(tiny_model_dir)).model
     assert not fused_kernels(llama, cuda)  # no fused layers for its architecture
     monkeypatch.setattr(decode_fused_layers, "FUSE_BELOW_PARAMETERS", 1000)

@@ -9,8 +9,10 @@ matmul reads every slot of the static cache, written or not, inside a sliding wi
 
 On a CUDA GPU with Triton, for bf16/fp16 models:
 - `rotate_and_write`: one program per head normalises, scales and rotates a query or key head and
-  writes the keys and values straight into their cache slot, rounding where the model rounds (the
-  normalised head, each rotary product and their sum to the model's dtype);
+  writes the keys and values straight into their cache slot, written to round where the model rounds
+  (the normalised head, each rotary product and their sum to the model's dtype; under the interpreter
+  it equals torch bit for bit, but on an H100 ~23% of rotated elements land one bf16 rounding away,
+  for a reason not yet found: bench/decode_profile.py's kernel check, docs/PERFORMANCE.md);
 - `attend_new_token`: the cache's slots in chunks of CHUNK, one program per row, key/value head and
   chunk (scores rounded to the model's dtype as its matmul returns them, then scaled, masked, and a
   softmax over the chunk), then one program per query head that combines the chunks (flash-decoding).

@@ -30,7 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunebench.generate.decode_attention import NAME, grouped_decode_attention
-from tunebench.generate.decode_attention_kernels import attend_new_token, rotate_and_write, triton_kernels
+from tunebench.generate.decode_attention_kernels import (
+    KERNEL_DTYPES,
+    attend_new_token,
+    rotate_and_write,
+    triton_kernels,
+)
 from tunebench.generate.decode_kernels import norm_add_norm
 from tunebench.generate.slot_writes import SlotWrites
 from tunebench.generate.switched import stock, switched_forwards
@@ -137,9 +142,14 @@ def switchable(module) -> bool:
 
 def fused_kernels(model, device: torch.device) -> bool:
     """Whether the loop runs this model's one-token layers fused with their Triton kernels (a CUDA GPU with
-    Triton, a switchable Gemma 3 under FUSE_BELOW_PARAMETERS): generate.compile auto leaves such a model
+    Triton, a bf16/fp16 switchable Gemma 3 under FUSE_BELOW_PARAMETERS with sdpa attention, which the loop
+    switches to its own, and a head size that is a power of two): generate.compile auto leaves such a model
     uncompiled (engine.py)."""
-    if device.type != "cuda" or triton_kernels() is None or \
+    config = model.config.get_text_config()
+    dim = getattr(config, "head_dim", None) or 0
+    weight = model.get_input_embeddings().weight
+    if device.type != "cuda" or weight.dtype not in KERNEL_DTYPES or dim <= 0 or dim & (dim - 1) or \
+            config._attn_implementation != "sdpa" or triton_kernels() is None or \
             sum(p.numel() for p in model.parameters()) >= FUSE_BELOW_PARAMETERS:
         return False
     return any(type(m).__name__ == ATTENTION and switchable(m) for m in model.modules())
