@@ -38,6 +38,7 @@
 #               /tmp/base): kernel checks and step profile on random weights, then the real model + LoRA answering
 #               the tasks in five processes (the first with an empty Triton cache)
 #   attn_final  one GPU: the same, as committed (the chunk count a runtime argument), four processes
+#   warmup      one GPU: the same with the kernels warmed while the model loads, against c0bc141 (/tmp/base)
 #   graphs      one GPU each: tunebench's captured decode loop (generate.cuda_graphs) against transformers'
 #               generate; GPU 0 Gemma 3 270M (random weights first, then the real model + LoRA once its GGUF
 #               pieces are here), GPU 1 the 4-bit llm-jp-3-13b shape answering the tasks
@@ -389,7 +390,8 @@ inputs_13b() {  # one GPU: the 4-bit llm-jp-3-13b shape + LoRA (random weights) 
 }
 
 attention_kernels() {  # attention_kernels PREFIX PROCESS...: Gemma's one-token attention in Triton kernels
-  # (decode_attention_kernels.py) against the loop before them (commit 1e18115's src and bench, in /tmp/base): kernel
+  # (decode_attention_kernels.py) against the loop before them (commit 1e18115's src and bench, or for `warmup`
+  # c0bc141's, in /tmp/base): kernel
   # checks and step profile on random weights, then the real model + LoRA answering the tasks, one process each
   # (now_cold: an empty Triton cache, as on a new machine; now: first pass timed by phases; before, before_again,
   # now_again: as the variant alone)
@@ -418,6 +420,8 @@ attention_kernels() {  # attention_kernels PREFIX PROCESS...: Gemma's one-token 
 # --phases and the variant without the kernels in now_again), and on the second, as committed
 attn() { attention_kernels at now_cold before now before_again now_again; }
 attn_final() { attention_kernels af now_cold before now now_again; }
+# the kernels warmed while the model loads (decode_warmup.py) against the loop without (c0bc141 in /tmp/base)
+warmup() { attention_kernels wu now_cold before now before_again now_again; }
 
 collect() {
   local out=${OUT:-/tmp/out}

@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 
 CHUNK = 64  # cache slots per program of attend_new_token
+# the combining kernel is compiled once per power of two of the chunk count from this one up: one kernel for
+# caches of up to 1,024 slots (a prompt and its answer of up to 512 tokens), whatever a request's length
+CHUNKS_PAD = 16
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -135,7 +138,7 @@ def triton_kernels():
             tl.store(MAX + part * GROUP_PAD + group, top)
             tl.store(SUM + part * GROUP_PAD + group, tl.sum(weights, axis=1))
 
-    # compiled once per power of two of the chunk count
+    # compiled once per power of two of the chunk count from CHUNKS_PAD up
     @triton.jit(do_not_specialize=["chunks"])
     def combine_kernel(ACC, MAX, SUM, OUT, out_row, chunks, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                        GROUP_PAD: tl.constexpr, DIM: tl.constexpr, CHUNKS_PAD: tl.constexpr):
@@ -197,7 +200,7 @@ def attend_new_token_triton(query, keys, values, mask, scaling, fed, window) -> 
         GROUP_PAD=group_pad, DIM=dim, CHUNK=CHUNK)
     out = torch.empty(rows, heads * dim, dtype=query.dtype, device=query.device)
     combine[(rows, heads)](acc, top, total, out, out.stride(0), chunks, KV_HEADS=kv_heads, GROUP=group,
-                           GROUP_PAD=group_pad, DIM=dim, CHUNKS_PAD=next_power_of_2(chunks))
+                           GROUP_PAD=group_pad, DIM=dim, CHUNKS_PAD=max(CHUNKS_PAD, next_power_of_2(chunks)))
     return out
 
 

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
+from tunebench.generate import decode_warmup
 from tunebench.generate.decode_attention import decode_attention
 from tunebench.generate.decode_compile import compiled_decode_layers, eager_cache_update
 from tunebench.generate.decode_fused_layers import fused_layers
@@ -230,6 +231,7 @@ class GraphDecode:
     def running(self):
         """The model as the loop runs it (see the module's docstring); restored after the block."""
         dtype = self.model.get_input_embeddings().weight.dtype
+        decode_warmup.wait()  # no warm-up kernel on the GPU while a step is captured
         with RUN_LOCK, ExitStack() as stack:
             own_attention = stack.enter_context(decode_attention(self.model))
             stack.enter_context(rotary_tables(self.model, self.mask.shape[1], dtype))

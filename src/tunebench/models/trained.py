@@ -12,7 +12,7 @@ from tunebench.config import ModelConfig
 from tunebench.data.templates import TEMPLATE_NAMES
 from tunebench.errors import ConfigError
 from tunebench.models.load import load_base_model, pick_device
-from tunebench.models.tokenizer import load_tokenizer
+from tunebench.models.tokenizer import load_tokenizer, resolve_model_path
 from tunebench.runs import ADAPTER, FULL_MODEL, MERGED, TRAINED_META
 
 
@@ -53,13 +53,19 @@ def load_for_inference(target: str, dtype: torch.dtype | None = None, model_conf
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     trained = find_trained(Path(target))
+    # the decode loop's Triton kernels load in the background while the weights do (a small Gemma 3 on a GPU)
+    from tunebench.generate import decode_warmup
+
     if trained is None:
         config = model_config or ModelConfig(name_or_path=target)
+        decode_warmup.start(resolve_model_path(config.name_or_path), dtype, device)
         model = load_base_model(config, dtype, device=device).eval()
         return LoadedModel(model, load_tokenizer(config), None, target)
     meta = json.loads((trained / TRAINED_META).read_text(encoding="utf-8"))
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(trained)))
-    if (trained / "adapter_config.json").exists():
+    adapter = (trained / "adapter_config.json").exists()
+    decode_warmup.start(resolve_model_path(meta["base_model"]) if adapter else str(trained), dtype, device)
+    if adapter:
         from peft import PeftModel
 
         base = load_base_model(ModelConfig(name_or_path=meta["base_model"]), dtype, device=device)
