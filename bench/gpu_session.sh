@@ -28,6 +28,9 @@
 #               (4-bit weights dequantized by torch ops inside the compiled layers) and TRL, a profile of each
 #   dequant_ab  the same, paired: compile_dequant beside TRL, beside the defaults, and with inductor's asserts off
 #   qlora_defaults  the 13B shape with nothing set beside TRL, twice (GPUs swapped)
+#   host13b     the 13B shape: inductor's C++ wrapper on top of the defaults beside TRL, the defaults (guard checks
+#               skipped for shapes already trained) beside the previous defaults, and beside TRL
+#   host13b_swap  after host13b: the same pairs with the GPUs swapped, the C++ wrapper beside the defaults
 #   norms       one GPU: the uncompiled decode loop with fused RMSNorms (decode step profile on random Gemma
 #               weights, then the real Gemma 3 270M + LoRA answering the tasks) against the norms as written
 #   inputs      one GPU: the decode loop's own masks, cache writes, rotary table, penalty by ids and Gemma's fused
@@ -337,6 +340,32 @@ qlora_defaults() {  # the 13B shape with nothing set (compile_dequant auto) besi
   wait
   CUDA_VISIBLE_DEVICES=0 step qd_13b_trl2 400 "${speed[@]}" --variant baseline &
   CUDA_VISIBLE_DEVICES=1 step qd_13b_default2 500 "${speed[@]}" --variant tunebench
+  wait
+}
+
+host13b() {  # the 13B shape: dynamo's guard checks skipped (train.compile_skip_guards, auto: on), inductor's C++ wrapper
+  local speed=("${LLMJP_SPEED[@]}")
+  CUDA_VISIBLE_DEVICES=1 step hb_13b_trl 400 "${speed[@]}" --variant baseline &
+  CUDA_VISIBLE_DEVICES=0 step hb_13b_cpp 900 env TORCHINDUCTOR_CPP_WRAPPER=1 "${speed[@]}" --variant tunebench --tag cpp_wrapper
+  wait
+  CUDA_VISIBLE_DEVICES=0 step hb_13b_previous 500 "${speed[@]}" --variant tunebench --set train.compile_skip_guards=false &
+  CUDA_VISIBLE_DEVICES=1 step hb_13b_guards 500 "${speed[@]}" --variant tunebench
+  wait
+  CUDA_VISIBLE_DEVICES=0 step hb_13b_trl2 400 "${speed[@]}" --variant baseline &
+  CUDA_VISIBLE_DEVICES=1 step hb_13b_guards2 500 "${speed[@]}" --variant tunebench --tag again
+  wait
+}
+
+host13b_swap() {  # after host13b (inductor's cache warm): the GPUs swapped
+  local speed=("${LLMJP_SPEED[@]}")
+  CUDA_VISIBLE_DEVICES=0 step hb_13b_trl3 400 "${speed[@]}" --variant baseline &
+  CUDA_VISIBLE_DEVICES=1 step hb_13b_cpp2 600 env TORCHINDUCTOR_CPP_WRAPPER=1 "${speed[@]}" --variant tunebench --tag cpp_swapped
+  wait
+  CUDA_VISIBLE_DEVICES=1 step hb_13b_trl4 400 "${speed[@]}" --variant baseline &
+  CUDA_VISIBLE_DEVICES=0 step hb_13b_guards3 500 "${speed[@]}" --variant tunebench --tag swapped
+  wait
+  CUDA_VISIBLE_DEVICES=0 step hb_13b_cpp3 500 env TORCHINDUCTOR_CPP_WRAPPER=1 "${speed[@]}" --variant tunebench --tag beside_guards &
+  CUDA_VISIBLE_DEVICES=1 step hb_13b_guards4 500 "${speed[@]}" --variant tunebench --tag beside_cpp
   wait
 }
 

@@ -118,6 +118,9 @@ def combination_problems(config: Config, world_size: int) -> list[str]:
                                                         bool(t.offload_frozen))):
         problems.append(f"'train.cuda_graphs': true needs train.compile on, train.gradient_checkpointing false (or "
                         f"auto) and train.offload_frozen off: {why}")
+    if t.compile_skip_guards is True and t.compile is False:
+        problems.append("'train.compile_skip_guards': true applies to compiled layers, and train.compile is false; "
+                        "set it to auto or false, or turn train.compile on")
     if t.compile_dequant is True and not get_method(t.method).quantized:
         problems.append(f"'train.compile_dequant' applies to qlora's 4-bit base weights, not train.method "
                         f"{t.method}; set it to auto or false")

@@ -20,6 +20,7 @@ from tunebench.runs import RunDir, append_jsonl
 from tunebench.train.checkpoint import optimizer_state, save_checkpoint, trainable_state
 from tunebench.train.compile import bucket_batch, compile_seconds, graph_step_begin, retry_step
 from tunebench.train.distributed import Dist
+from tunebench.train.guard_skip import GuardSkip
 from tunebench.train.loss import evaluate
 from tunebench.train.methods import get_method
 from tunebench.train.sharding import whole
@@ -69,6 +70,7 @@ class TrainState:
     start: int = 0
     order: list[list[int]] = field(default_factory=list)  # micro-batch k of the run (row indices)
     base_model: str = ""  # what the saved adapter applies to (the SFT run's base when starting from one)
+    guard_skip: GuardSkip = field(default_factory=lambda: GuardSkip(False))  # train.compile_skip_guards
 
     def config_dict(self) -> dict:
         return asdict(self.config)
@@ -148,7 +150,7 @@ def train_step(state: TrainState, objective: Objective, step_batches: list[list[
             batch = bucket_batch(batch, state.tokenizer.pad_token_id)
         batch = {key: v.to(state.device) for key, v in batch.items()}
         graph_step_begin(t.cuda_graphs)
-        with dist.no_sync(model, last=k == len(micro) - 1):
+        with state.guard_skip.around(batch), dist.no_sync(model, last=k == len(micro) - 1):
             with state.autocast():
                 loss_sum, stats = objective.loss(model, batch, t.answer_only_logits)
             # Backward outside autocast (PyTorch's advice). DDP (and FSDP's reduce-scatter) averages

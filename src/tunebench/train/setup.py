@@ -25,6 +25,7 @@ from tunebench.train.checkpointing import micro_batch_tokens, use_checkpointing
 from tunebench.train.compile import compile_layers, compile_options, use_compile, use_graphs
 from tunebench.train.dequant import use_compile_dequant, use_torch_dequant
 from tunebench.train.distributed import Dist
+from tunebench.train.guard_skip import use_skip_guards
 from tunebench.train.loop import TrainState
 from tunebench.train.loss import use_answer_only_logits
 from tunebench.train.methods import count_parameters, get_method, make_trainable
@@ -66,10 +67,12 @@ def resolve_levers(t: TrainConfig, model, device: torch.device, world: int, shar
     t = replace(t, cuda_graphs=use_graphs(t.cuda_graphs, device, t.compile, t.gradient_checkpointing,
                                           t.offload_frozen, world, t.objective))
     t = replace(t, compile_dequant=use_compile_dequant(t.compile_dequant, get_method(t.method).quantized, t.compile,
-                                                       t.cuda_graphs))
+                                                       t.cuda_graphs),
+                compile_skip_guards=use_skip_guards(t.compile_skip_guards, device, t.compile, t.cuda_graphs, world,
+                                                    t.objective))
     log.info("answer_only_logits: %s, gradient_checkpointing: %s, offload_frozen: %s, compile: %s, cuda_graphs: %s, "
-             "compile_dequant: %s", t.answer_only_logits, t.gradient_checkpointing, t.offload_frozen, t.compile,
-             t.cuda_graphs, t.compile_dequant)
+             "compile_dequant: %s, compile_skip_guards: %s", t.answer_only_logits, t.gradient_checkpointing,
+             t.offload_frozen, t.compile, t.cuda_graphs, t.compile_dequant, t.compile_skip_guards)
     return t
 
 

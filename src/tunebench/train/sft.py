@@ -36,6 +36,7 @@ from tunebench.runs import CONFIG, TRAINED_META, RunDir, write_json_atomic
 from tunebench.train.checkpoint import trainable_state
 from tunebench.train.distributed import Dist
 from tunebench.train.fingerprint import code_fingerprint
+from tunebench.train.guard_skip import GuardSkip
 from tunebench.train.loop import TrainState, fit
 from tunebench.train.loss import answer_tokens, token_loss_sum
 from tunebench.train.methods import get_method
@@ -147,7 +148,8 @@ def setup(start: StartPoint, run: RunDir, resume: bool, allow_contamination: boo
     model, t = load_model(config, dist, device, dtype, start.adapter)
     state = TrainState(config=config, train=t, run=run, dist=dist, device=device, autocast=autocast_for(dtype),
                        tokenizer=tokenizer, rows=rows, eval_rows=read_token_rows(run.data_dir / "eval.jsonl"),
-                       data_fingerprint=summary.fingerprint, model=model, base_model=start.base_model)
+                       data_fingerprint=summary.fingerprint, model=model, base_model=start.base_model,
+                       guard_skip=GuardSkip(t.compile_skip_guards))
     state.steps = total_steps(config, len(rows), dist.world)
     # Micro-batch k of the run is the same whatever the number of processes: with a global batch of
     # accum × world micro-batches per step, rank r takes every world-th one, so a checkpoint
