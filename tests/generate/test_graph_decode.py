@@ -137,12 +137,12 @@ def test_auto_captures_and_compiles_on_a_gpu_only():
 
 
 def test_only_a_small_gemma_on_a_gpu_with_triton_counts_as_fused(tokenizer, tiny_model_dir, monkeypatch):
-    from tunebench.generate import decode_fused_layers
+    from tunebench.generate import decode_attention_kernels, decode_fused_layers
     from tunebench.generate.decode_fused_layers import fused_kernels
 
     gemma, cuda = tiny_gemma(tokenizer).to(torch.bfloat16), torch.device("cuda")
     gemma.config._attn_implementation = "sdpa"
-    monkeypatch.setattr(decode_fused_layers, "triton_kernels", lambda: ("kernels",))
+    monkeypatch.setattr(decode_attention_kernels, "triton_kernels", lambda: ("kernels",))
     assert fused_kernels(gemma, cuda) and not fused_kernels(gemma, torch.device("cpu"))
     assert not fused_kernels(gemma.float(), cuda)  # the kernels take bf16/fp16: fp32 runs torch operations
     gemma.to(torch.bfloat16).config._attn_implementation = "eager"  # attention the loop does not switch
@@ -153,7 +153,11 @@ def test_only_a_small_gemma_on_a_gpu_with_triton_counts_as_fused(tokenizer, tiny
     monkeypatch.setattr(decode_fused_layers, "FUSE_BELOW_PARAMETERS", 1000)
     assert not fused_kernels(gemma, cuda)
     monkeypatch.setattr(decode_fused_layers, "FUSE_BELOW_PARAMETERS", 600_000_000)
-    monkeypatch.setattr(decode_fused_layers, "triton_kernels", lambda: None)
+    gemma.config.head_dim = 24  # tl.arange needs a power of two
+    assert not fused_kernels(gemma, cuda)
+    gemma.config.head_dim = 16
+    assert fused_kernels(gemma, cuda)
+    monkeypatch.setattr(decode_attention_kernels, "triton_kernels", lambda: None)
     assert not fused_kernels(gemma, cuda)  # without Triton the fused layers run torch operations
 
 
@@ -171,6 +175,21 @@ def test_generate_decides_compiling_by_the_whole_job_not_each_batch(tiny_model_d
     seen.clear()
     generator.generate_batch([tiny.tokenizer.encode(QUESTIONS[0])])  # serve's one request: a job of one
     assert seen == [1]
+
+
+def test_whether_the_kernels_run_is_decided_once_per_generator(tiny_model_dir, monkeypatch):
+    """generate.compile auto asks whether the loop runs the model's layers through its Triton kernels (a walk
+    over the model's modules and parameters): once per generator, not for every batch."""
+    from tunebench.generate import engine
+
+    asked = []
+    monkeypatch.setattr(engine, "fused_kernels", lambda model, device: asked.append(device) or False)
+    tiny = load_for_inference(str(tiny_model_dir), dtype=torch.float64)
+    generator = Generator(tiny.model, tiny.tokenizer, "course",
+                          GenerateConfig(cuda_graphs=True, compile="auto", max_new_tokens=4, batch_size=2, stop=[]))
+    generator.generate(conversations())  # three batches
+    generator.generate_batch([tiny.tokenizer.encode(QUESTIONS[0])])
+    assert asked == [torch.device("cpu")]
 
 
 def test_a_failing_capture_falls_back_under_auto_and_is_raised_under_true(tiny_model_dir, monkeypatch, caplog):

@@ -116,3 +116,38 @@ def test_the_loop_skips_the_guards_for_a_shape_it_has_trained(tmp_path, tiny_mod
     calls = len(stances) // 3  # each micro-batch calls every layer the same number of times
     assert calls > 0 and stances == [False] * calls + [True] * (2 * calls)
     assert not skipping_guards()
+
+
+def test_evaluations_between_steps_leave_the_skipping_steps_equal_to_checked_ones(tmp_path, tiny_model_dir,
+                                                                                  monkeypatch):
+    """An evaluation after every step (no gradient, eval mode: graphs of their own, compiled with every guard
+    checked) between micro-batches that skip the checks: the same training and evaluation losses as a run
+    that checks every call, to the last bit (aot_eager on CPU)."""
+    monkeypatch.setattr(compile_module, "BACKEND", BACKEND)
+    data = tmp_path / "memo.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"問{i}", "input": "", "output": f"答{i}です。" * (1 + i % 3)},
+                                       ensure_ascii=False) + "\n" for i in range(9)), encoding="utf-8")
+    curves, skips, set_stance = {}, [], torch.compiler.set_stance
+
+    def recording(stance="default", *, skip_guard_eval_unsafe=False, force_backend=None):
+        skips.append(skip_guard_eval_unsafe)
+        return set_stance(stance, skip_guard_eval_unsafe=skip_guard_eval_unsafe, force_backend=force_backend)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", recording)
+    for setting in ("false", "true"):
+        torch._dynamo.reset()
+        skips.clear()
+        overrides = [f"model.name_or_path={tiny_model_dir}", f"data.sources=[{{path: '{data}'}}]",
+                     "data.contamination_sets=[]", "data.eval_fraction=0.34", "train.eval_steps=1",
+                     "train.per_device_train_batch_size=2", "train.step_tokens=null", "train.logging_steps=1",
+                     "train.gradient_accumulation_steps=2", "train.max_steps=3", "train.method=lora",
+                     "train.lora_dropout=0.0", "train.compile=true", f"train.compile_skip_guards={setting}"]
+        run = RunDir(tmp_path / f"run-{setting}")
+        train(load_config(None, overrides), run)
+        curves[setting] = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+        # 3 steps × 2 micro-batches of one shape: all but the first skip the checks
+        assert skips == ([True] * 5 if setting == "true" else [])
+    keys = ("loss", "eval_loss", "grad_norm")
+    checked = [{k: r[k] for k in keys if k in r} for r in curves["false"]]
+    assert [{k: r[k] for k in keys if k in r} for r in curves["true"]] == checked
+    assert sum("eval_loss" in r for r in checked) == 3 and sum("loss" in r for r in checked) == 3

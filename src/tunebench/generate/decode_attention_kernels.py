@@ -46,14 +46,22 @@ def rotate_and_write_reference(qkv: torch.Tensor, scale: torch.Tensor, eps: floa
     (heads + kv_heads, dim) float32: each head's norm weight (1 + weight); cos, signed_sin (rows, 1, dim):
     sin with its first half negated; keys, values (rows, kv_heads, slots, dim): the layer's cache, written
     at slot `fed` ((1,) long). Returns the queries (rows, heads, dim), normalised and rotated."""
+    qk, value = normed_and_rotated(qkv, scale, eps, cos, signed_sin, heads, kv_heads)
+    keys.index_copy_(2, fed, qk[:, :, heads:].transpose(1, 2))
+    values.index_copy_(2, fed, value.transpose(1, 2))
+    return qk[:, 0, :heads]
+
+
+def normed_and_rotated(qkv: torch.Tensor, scale: torch.Tensor, eps: float, cos: torch.Tensor, signed_sin: torch.Tensor,
+                       heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacked projection qkv (rows, 1, (heads + 2 kv_heads) dim) split: the query and key heads
+    normalised (RMSNorm in float32 times `scale`) and rotated, (rows, 1, heads + kv_heads, dim), and the value
+    heads as projected, (rows, 1, kv_heads, dim)."""
     rows, dim = qkv.shape[0], scale.shape[-1]
     qk = qkv[..., : (heads + kv_heads) * dim].view(rows, 1, heads + kv_heads, dim)
     qk = (F.rms_norm(qk.float(), (dim,), None, eps) * scale).to(qkv.dtype)
     qk = qk * cos[:, :, None] + qk.roll(dim // 2, -1) * signed_sin[:, :, None]
-    keys.index_copy_(2, fed, qk[:, :, heads:].transpose(1, 2))
-    value = qkv[..., (heads + kv_heads) * dim :].view(rows, 1, kv_heads, dim).transpose(1, 2)
-    values.index_copy_(2, fed, value)
-    return qk[:, 0, :heads]
+    return qk, qkv[..., (heads + kv_heads) * dim :].view(rows, 1, kv_heads, dim)
 
 
 def attend_new_token_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -159,12 +167,17 @@ def triton_kernels():
     return rotate_kernel, chunks_kernel, combine_kernel, triton.next_power_of_2
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """The kernels' case: CUDA tensors of bf16/fp16 (fp32 would go through TF32 in tl.dot), a head size that is
+def kernel_case(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """The kernels' case: a CUDA device, bf16/fp16 (fp32 would go through TF32 in tl.dot), a head size that is
     a power of two (tl.arange's), and Triton."""
-    dim = tensors[0].shape[-1]
-    return all(t.is_cuda for t in tensors) and tensors[0].dtype in KERNEL_DTYPES and dim & (dim - 1) == 0 and \
-        triton_kernels() is not None
+    return device.type == "cuda" and dtype in KERNEL_DTYPES and head_dim > 0 and head_dim & (head_dim - 1) == 0 \
+        and triton_kernels() is not None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors are the kernels' case (kernel_case), all on a CUDA device."""
+    first = tensors[0]
+    return all(t.is_cuda for t in tensors) and kernel_case(first.device, first.dtype, first.shape[-1])
 
 
 def rotate_and_write_triton(qkv, scale, eps, cos, signed_sin, keys, values, fed, heads, kv_heads) -> torch.Tensor:

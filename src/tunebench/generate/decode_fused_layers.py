@@ -31,10 +31,10 @@ from torch import nn
 
 from tunebench.generate.decode_attention import NAME, grouped_decode_attention
 from tunebench.generate.decode_attention_kernels import (
-    KERNEL_DTYPES,
     attend_new_token,
+    kernel_case,
+    normed_and_rotated,
     rotate_and_write,
-    triton_kernels,
 )
 from tunebench.generate.decode_kernels import norm_add_norm
 from tunebench.generate.slot_writes import SlotWrites
@@ -80,8 +80,7 @@ def one_token_attention(self, hidden_states: torch.Tensor, position_embeddings=N
                         *args, **kwargs):
     if hidden_states.shape[1] != 1 or self.training or self.config._attn_implementation != NAME:
         return self.unfused_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-    rows, heads, kv_heads, dim = hidden_states.shape[0], self.config.num_attention_heads, \
-        self.config.num_key_value_heads, self.head_dim
+    rows, heads, kv_heads = hidden_states.shape[0], self.config.num_attention_heads, self.config.num_key_value_heads
     qkv = F.linear(hidden_states, self.fused_weight, self.fused_bias)  # (rows, 1, (heads + 2 kv_heads) dim)
     cos, sin = position_embeddings  # (rows, 1, dim)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -96,12 +95,9 @@ def one_token_attention(self, hidden_states: torch.Tensor, position_embeddings=N
                                writes.fed, getattr(self, "sliding_window", None))
         return self.o_proj(out.view(rows, 1, -1)), None
     # a prompt of one token (the prompts' pass): the cache's own update and transformers' mask
-    qk = qkv[..., : (heads + kv_heads) * dim].view(rows, 1, heads + kv_heads, dim)
-    qk = (F.rms_norm(qk.float(), (dim,), None, self.q_norm.eps) * self.qk_scale).to(hidden_states.dtype)
-    qk = qk * cos[:, :, None] + qk.roll(dim // 2, -1) * self.signed_sin(sin)[:, :, None]
+    qk, value = normed_and_rotated(qkv, self.qk_scale, self.q_norm.eps, cos, self.signed_sin(sin), heads, kv_heads)
     query, key = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
-    value = qkv[..., (heads + kv_heads) * dim :].view(rows, 1, kv_heads, dim).transpose(1, 2)
-    key, value = writes(key, value, self.layer_idx)
+    key, value = writes(key, value.transpose(1, 2), self.layer_idx)
     out, _ = grouped_decode_attention(self, query, key, value, attention_mask, scaling=self.scaling)
     return self.o_proj(out.reshape(rows, 1, -1)), None
 
@@ -146,10 +142,8 @@ def fused_kernels(model, device: torch.device) -> bool:
     switches to its own, and a head size that is a power of two): generate.compile auto leaves such a model
     uncompiled (engine.py)."""
     config = model.config.get_text_config()
-    dim = getattr(config, "head_dim", None) or 0
-    weight = model.get_input_embeddings().weight
-    if device.type != "cuda" or weight.dtype not in KERNEL_DTYPES or dim <= 0 or dim & (dim - 1) or \
-            config._attn_implementation != "sdpa" or triton_kernels() is None or \
+    if not kernel_case(device, model.get_input_embeddings().weight.dtype, getattr(config, "head_dim", None) or 0) \
+            or config._attn_implementation != "sdpa" or \
             sum(p.numel() for p in model.parameters()) >= FUSE_BELOW_PARAMETERS:
         return False
     return any(type(m).__name__ == ATTENTION and switchable(m) for m in model.modules())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Callable, Protocol
 
 import torch
@@ -170,6 +171,12 @@ class Generator:
         self.fallbacks = fallbacks or DecodeFallbacks()
         self.parameters = parameter_count(self.model)
 
+    @cached_property
+    def runs_fused_kernels(self) -> bool:
+        """Whether the decode loop runs this model's one-token layers with their Triton kernels (decided once:
+        generate.compile auto leaves such a model uncompiled)."""
+        return fused_kernels(self.model, next(self.model.parameters()).device)
+
     def with_settings(self, **changes) -> Generator:
         """The same model, tokenizer and template with some generate settings changed (per request)."""
         return Generator(self.model, self.tokenizer, self.template, replace(self.config, **changes),
@@ -211,7 +218,7 @@ class Generator:
             not (stopping_criteria or streamer or self.config.no_repeat_ngram_size or prompt_learning(self.model)
                  or loop_unsupported(self.model))
         while graphs:
-            fused = self.config.compile == "auto" and fused_kernels(self.model, device)
+            fused = self.config.compile == "auto" and self.runs_fused_kernels
             compile = compiles_decode(self.config.compile, device, self.parameters, job_size or len(prompts),
                                       fused) and \
                 not self.fallbacks.compile_failed
