@@ -33,6 +33,17 @@ def skipping_guards() -> bool:
     return _is_skip_guard_eval_unsafe_stance()
 
 
+def compiled_lora_run(tmp_path, tiny_model_dir, answers: list[str], *settings: str) -> list[str]:
+    """Overrides of a 3-step LoRA run of the tiny model with compiled layers, on one instruction row per answer
+    (written to tmp_path/memo.jsonl), batch 2, plus `settings`."""
+    data = tmp_path / "memo.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"問{i}", "input": "", "output": answer}, ensure_ascii=False)
+                            + "\n" for i, answer in enumerate(answers)), encoding="utf-8")
+    return [f"model.name_or_path={tiny_model_dir}", f"data.sources=[{{path: '{data}'}}]", "data.contamination_sets=[]",
+            "train.per_device_train_batch_size=2", "train.step_tokens=null", "train.max_steps=3", "train.method=lora",
+            "train.compile=true", *settings]
+
+
 def train_micro_batches(model, batches, guard_skip):
     """Each batch's forward and backward as the loop runs them; returns the losses, the LoRA gradients
     summed over the batches, and per batch whether the compiled layers' calls skipped the guard checks."""
@@ -104,13 +115,8 @@ def test_the_loop_skips_the_guards_for_a_shape_it_has_trained(tmp_path, tiny_mod
         fit(state, objective)
 
     monkeypatch.setattr(sft_module, "fit", recording_fit)
-    data = tmp_path / "memo.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"問{i}", "input": "", "output": f"答{i}です。"},
-                                       ensure_ascii=False) + "\n" for i in range(6)), encoding="utf-8")
-    overrides = [f"model.name_or_path={tiny_model_dir}", f"data.sources=[{{path: '{data}'}}]",
-                 "data.contamination_sets=[]", "train.per_device_train_batch_size=2", "train.step_tokens=null",
-                 "train.gradient_accumulation_steps=1", "train.max_steps=3", "train.method=lora", "train.compile=true",
-                 "train.compile_skip_guards=true"]
+    overrides = compiled_lora_run(tmp_path, tiny_model_dir, [f"答{i}です。" for i in range(6)],
+                                  "train.gradient_accumulation_steps=1", "train.compile_skip_guards=true")
     train(load_config(None, overrides), RunDir(tmp_path / "run"))
     assert seen["guard_skip"].on and seen["guard_skip"].seen == {(2, 128)}  # three micro-batches of one shape
     calls = len(stances) // 3  # each micro-batch calls every layer the same number of times
@@ -124,9 +130,7 @@ def test_evaluations_between_steps_leave_the_skipping_steps_equal_to_checked_one
     checked) between micro-batches that skip the checks: the same training and evaluation losses as a run
     that checks every call, to the last bit (aot_eager on CPU)."""
     monkeypatch.setattr(compile_module, "BACKEND", BACKEND)
-    data = tmp_path / "memo.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"問{i}", "input": "", "output": f"答{i}です。" * (1 + i % 3)},
-                                       ensure_ascii=False) + "\n" for i in range(9)), encoding="utf-8")
+    answers = [f"答{i}です。" * (1 + i % 3) for i in range(9)]
     curves, skips, set_stance = {}, [], torch.compiler.set_stance
 
     def recording(stance="default", *, skip_guard_eval_unsafe=False, force_backend=None):
@@ -137,11 +141,9 @@ def test_evaluations_between_steps_leave_the_skipping_steps_equal_to_checked_one
     for setting in ("false", "true"):
         torch._dynamo.reset()
         skips.clear()
-        overrides = [f"model.name_or_path={tiny_model_dir}", f"data.sources=[{{path: '{data}'}}]",
-                     "data.contamination_sets=[]", "data.eval_fraction=0.34", "train.eval_steps=1",
-                     "train.per_device_train_batch_size=2", "train.step_tokens=null", "train.logging_steps=1",
-                     "train.gradient_accumulation_steps=2", "train.max_steps=3", "train.method=lora",
-                     "train.lora_dropout=0.0", "train.compile=true", f"train.compile_skip_guards={setting}"]
+        overrides = compiled_lora_run(tmp_path, tiny_model_dir, answers, "data.eval_fraction=0.34",
+                                      "train.eval_steps=1", "train.logging_steps=1", "train.gradient_accumulation_steps=2",
+                                      "train.lora_dropout=0.0", f"train.compile_skip_guards={setting}")
         run = RunDir(tmp_path / f"run-{setting}")
         train(load_config(None, overrides), run)
         curves[setting] = [json.loads(line) for line in run.metrics.read_text().splitlines()]
